@@ -1,0 +1,6 @@
+"""D²AM for mixture-domain face anti-spoofing in JAX (Chen et al., AAAI 2021).
+
+Pure-function network, losses and exact second-order meta-step; host-side pseudo-domain discovery.
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,4 @@
+"""Data: TFDS builders (synthetic, manifest, OULU/CASIA/Replay/MSU), protocols and the meta-batch sampler.
+
+Host-only code: numpy, PIL, OpenCV and tensorflow-datasets (no TensorFlow), never jax.
+"""

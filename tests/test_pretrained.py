@@ -1,0 +1,352 @@
+"""Tests for d2am_jax.pretrained: real ImageNet weights, torch-file reading, ResNet conversion.
+
+ResNet checkpoints are written here in torch's zip layout with random weights and checked against an
+independent numpy forward pass that follows torchvision's definitions.
+"""
+
+import collections
+import io
+import os
+import pickle
+import zipfile
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+from skimage import data
+
+from d2am_jax import pretrained
+
+CAT_CLASSES = set(range(281, 286))  # tabby, tiger cat, Persian, Siamese, Egyptian cat
+
+
+# ------------------------------------------------------------------ a torch.save (zip) writer
+# Enough of torch's format to write a state dict without torch: protocol-2 pickle in
+# '<name>/data.pkl' naming torch._utils._rebuild_tensor_v2 and torch.<X>Storage, storages as raw
+# little-endian bytes in '<name>/data/<key>'.
+
+def _torch_name(module, name):
+    return type(name, (), {"__module__": module, "__qualname__": name})
+
+
+_REBUILD_V2 = _torch_name("torch._utils", "_rebuild_tensor_v2")
+_STORAGE_NAMES = {np.dtype(np.float32): "FloatStorage", np.dtype(np.int64): "LongStorage"}
+
+
+class _Storage:
+    def __init__(self, key, array):
+        self.key, self.array = key, np.ascontiguousarray(array).ravel()
+
+
+class _Tensor:
+    def __init__(self, storage, offset, size, stride):
+        self.args = (storage, offset, tuple(size), tuple(stride))
+
+    def __reduce__(self):
+        return _REBUILD_V2, self.args + (False, collections.OrderedDict())
+
+
+class _TorchPickler(pickle._Pickler):
+    def save_global(self, obj, name=None):
+        module = getattr(obj, "__module__", "")
+        if module.startswith("torch"):  # there is no torch to import: write the reference as is
+            self.write(pickle.GLOBAL + f"{module}\n{obj.__qualname__}\n".encode())
+            self.memoize(obj)
+            return
+        super().save_global(obj, name)
+
+    def persistent_id(self, obj):
+        if isinstance(obj, _Storage):
+            kind = _torch_name("torch", _STORAGE_NAMES[obj.array.dtype])
+            return ("storage", kind, obj.key, "cpu", obj.array.size)
+        return None
+
+
+def write_torch_zip(path, tensors, storages):
+    """tensors: name → _Tensor; storages: the _Storage objects they use."""
+    buf = io.BytesIO()
+    _TorchPickler(buf, protocol=2).dump(collections.OrderedDict(tensors))
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("archive/data.pkl", buf.getvalue())
+        zf.writestr("archive/byteorder", "little")
+        zf.writestr("archive/version", "3\n")
+        for s in storages:
+            zf.writestr(f"archive/data/{s.key}", s.array.astype(s.array.dtype.newbyteorder("<")).tobytes())
+
+
+def save_state_dict(path, state_dict):
+    tensors, storages = {}, []
+    for i, (name, value) in enumerate(state_dict.items()):
+        value = np.asarray(value)
+        storage = _Storage(str(i), value)
+        strides = [int(np.prod(value.shape[k + 1:])) for k in range(value.ndim)]
+        tensors[name] = _Tensor(storage, 0, value.shape, strides)
+        storages.append(storage)
+    write_torch_zip(path, tensors, storages)
+
+
+# ------------------------------------------------------------------ torchvision ResNet, in numpy
+
+def torchvision_resnet_state_dict(depth, rng):
+    """Random weights under torchvision's ResNet key names and shapes (resnet.py)."""
+    bottleneck, blocks = {18: (False, (2, 2, 2, 2)), 50: (True, (3, 4, 6, 3))}[depth]
+    sd = collections.OrderedDict()
+
+    def conv(name, o, i, k):
+        sd[name + ".weight"] = rng.normal(0, np.sqrt(2.0 / (i * k * k)), (o, i, k, k)).astype(np.float32)
+
+    def bn(name, c):
+        sd[name + ".weight"] = rng.uniform(0.5, 1.0, c).astype(np.float32)
+        sd[name + ".bias"] = rng.normal(0, 0.1, c).astype(np.float32)
+        sd[name + ".running_mean"] = rng.normal(0, 0.1, c).astype(np.float32)
+        sd[name + ".running_var"] = rng.uniform(0.5, 2.0, c).astype(np.float32)
+        sd[name + ".num_batches_tracked"] = np.array(7, np.int64)
+
+    conv("conv1", 64, 3, 7)
+    bn("bn1", 64)
+    inplanes, expansion = 64, 4 if bottleneck else 1
+    for layer, n in enumerate(blocks, 1):
+        planes = 64 * 2 ** (layer - 1)
+        for j in range(n):
+            p = f"layer{layer}.{j}"
+            if bottleneck:
+                conv(p + ".conv1", planes, inplanes, 1), bn(p + ".bn1", planes)
+                conv(p + ".conv2", planes, planes, 3), bn(p + ".bn2", planes)
+                conv(p + ".conv3", planes * 4, planes, 1), bn(p + ".bn3", planes * 4)
+            else:
+                conv(p + ".conv1", planes, inplanes, 3), bn(p + ".bn1", planes)
+                conv(p + ".conv2", planes, planes, 3), bn(p + ".bn2", planes)
+            stride = 2 if layer > 1 and j == 0 else 1
+            if j == 0 and (stride != 1 or inplanes != planes * expansion):
+                conv(p + ".downsample.0", planes * expansion, inplanes, 1)
+                bn(p + ".downsample.1", planes * expansion)
+            inplanes = planes * expansion
+    sd["fc.weight"] = rng.normal(0, 0.01, (1000, inplanes)).astype(np.float32)
+    sd["fc.bias"] = rng.normal(0, 0.01, 1000).astype(np.float32)
+    return sd
+
+
+def _np_conv(x, w, stride, pad):
+    x = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    win = np.lib.stride_tricks.sliding_window_view(x, w.shape[2:], axis=(1, 2))[:, ::stride, ::stride]
+    return np.einsum("nhwcij,ocij->nhwo", win, w.astype(np.float64), optimize=True)
+
+
+def _np_bn(x, sd, p):
+    return ((x - sd[p + ".running_mean"]) / np.sqrt(sd[p + ".running_var"].astype(np.float64) + 1e-5)
+            * sd[p + ".weight"] + sd[p + ".bias"])
+
+
+def numpy_resnet(sd, x, depth):
+    """torchvision's ResNet forward in float64: feature maps by stage name, and logits."""
+    relu = lambda v: np.maximum(v, 0)
+    bottleneck, blocks = {18: (False, (2, 2, 2, 2)), 50: (True, (3, 4, 6, 3))}[depth]
+    maps = {}
+    x = maps["stem"] = relu(_np_bn(_np_conv(x, sd["conv1.weight"], 2, 3), sd, "bn1"))
+    x = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-np.inf)
+    x = np.lib.stride_tricks.sliding_window_view(x, (3, 3), axis=(1, 2))[:, ::2, ::2].max(axis=(-2, -1))
+    for layer, n in enumerate(blocks, 1):
+        for j in range(n):
+            p, s = f"layer{layer}.{j}", 2 if layer > 1 and j == 0 else 1
+            if bottleneck:  # v1.5: stride on the 3×3
+                y = relu(_np_bn(_np_conv(x, sd[p + ".conv1.weight"], 1, 0), sd, p + ".bn1"))
+                y = relu(_np_bn(_np_conv(y, sd[p + ".conv2.weight"], s, 1), sd, p + ".bn2"))
+                y = _np_bn(_np_conv(y, sd[p + ".conv3.weight"], 1, 0), sd, p + ".bn3")
+            else:
+                y = relu(_np_bn(_np_conv(x, sd[p + ".conv1.weight"], s, 1), sd, p + ".bn1"))
+                y = _np_bn(_np_conv(y, sd[p + ".conv2.weight"], 1, 1), sd, p + ".bn2")
+            if p + ".downsample.0.weight" in sd:
+                x = _np_bn(_np_conv(x, sd[p + ".downsample.0.weight"], s, 0), sd, p + ".downsample.1")
+            x = relu(y + x)
+        maps[f"layer{layer}"] = x
+    logits = x.mean(axis=(1, 2)) @ sd["fc.weight"].T.astype(np.float64) + sd["fc.bias"]
+    return maps, logits
+
+
+def _np_stats(maps, eps):
+    return np.concatenate([np.concatenate([m.mean(axis=(1, 2)), np.sqrt(m.var(axis=(1, 2)) + eps)], -1)
+                           for m in maps], -1)
+
+
+def _n_trainable(sd):
+    return sum(v.size for k, v in sd.items() if "running" not in k and "num_batches" not in k)
+
+
+# ------------------------------------------------------------------ fixtures
+
+@pytest.fixture(scope="module")
+def lite0():
+    return pretrained.load_feature_extractor("efficientnet_lite0")
+
+
+@pytest.fixture(scope="module")
+def resnet18_file(tmp_path_factory):
+    sd = torchvision_resnet_state_dict(18, np.random.default_rng(0))
+    path = tmp_path_factory.mktemp("ckpt") / "resnet18-random.pth"
+    save_state_dict(path, sd)
+    return path, sd
+
+
+@pytest.fixture(scope="module")
+def resnet50_file(tmp_path_factory):
+    sd = torchvision_resnet_state_dict(50, np.random.default_rng(1))
+    path = tmp_path_factory.mktemp("ckpt") / "resnet50-random.pth"
+    save_state_dict(path, sd)
+    return path, sd
+
+
+# ------------------------------------------------------------------ EfficientNet-Lite0, real weights
+
+def test_chelsea_is_classified_as_a_cat(lite0):
+    image = pretrained.center_crop_resize(data.chelsea(), size=224)
+    logits = lite0.classify(image[None])
+    assert logits.shape == (1, 1000)
+    top5 = np.argsort(-logits[0])[:5]
+    assert CAT_CLASSES & set(top5.tolist()), f"top-5 {top5} has no cat class"
+    assert top5[0] in CAT_CLASSES
+    probs = np.exp(logits[0] - logits[0].max())
+    probs /= probs.sum()
+    assert probs[sorted(CAT_CLASSES)].sum() > 0.5
+
+
+def test_features_shape_finite_and_independent_of_batch(lite0):
+    rng = np.random.default_rng(0)
+    cat = np.asarray(Image.fromarray(data.chelsea()).resize((64, 64)))
+    others = rng.integers(0, 256, (5, 64, 64, 3), dtype=np.uint8)
+    traces_before = lite0.traces
+    alone = lite0.features(cat[None], batch_size=4)                    # 3 padding images
+    mixed = lite0.features(np.concatenate([others[:2], cat[None], others[2:]]), batch_size=4)
+    assert alone.shape == (1, lite0.feature_dim) and mixed.shape == (6, lite0.feature_dim)
+    assert lite0.feature_dim == 2 * (16 + 24 + 40 + 80)  # default layers stage1–stage4
+    assert alone.dtype == np.float32 and np.isfinite(mixed).all()
+    np.testing.assert_allclose(mixed[2], alone[0], rtol=1e-5, atol=1e-5)
+    assert not np.allclose(mixed[0], mixed[1])
+    assert lite0.traces - traces_before == 1  # three batches of one shape: one compile
+    as_float = lite0.features(cat[None].astype(np.float32) / 255.0, batch_size=4)
+    np.testing.assert_allclose(as_float, alone, rtol=1e-4, atol=1e-4)
+    assert lite0.features(np.zeros((0, 64, 64, 3), np.uint8)).shape == (0, lite0.feature_dim)
+
+
+def test_instance_stats_hand_computed():
+    f = np.array([1.0, 3.0, 5.0, 7.0], np.float32).reshape(1, 2, 2, 1)   # μ 4, var 5
+    g = np.stack([np.full((2, 2), 2.0), np.array([[0.0, 0.0], [0.0, 4.0]])], -1)[None]  # μ 2, 1; var 0, 3
+    out = np.asarray(pretrained.instance_stats([f, g.astype(np.float32)], eps=1.0))
+    np.testing.assert_allclose(out, [[4.0, np.sqrt(6.0), 2.0, 1.0, 1.0, 2.0]], rtol=1e-6)
+
+
+def test_bad_images_are_refused(lite0):
+    with pytest.raises(ValueError, match=r"\[n, height, width, 3\]"):
+        lite0.features(np.zeros((2, 8, 8, 6), np.uint8))
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        lite0.features(np.full((1, 8, 8, 3), 200.0, np.float32))
+
+
+# ------------------------------------------------------------------ torch file reading
+
+def test_zip_reader_honours_offset_and_strides(tmp_path):
+    base = _Storage("0", np.arange(12, dtype=np.float32))
+    ints = _Storage("1", np.array([5], np.int64))
+    tensors = {"rows": _Tensor(base, 2, (2, 3), (3, 1)),        # base[2:8] as 2×3
+               "transposed": _Tensor(base, 0, (3, 4), (1, 3)),  # base.reshape(4, 3).T
+               "count": _Tensor(ints, 0, (), ())}
+    write_torch_zip(tmp_path / "t.pth", tensors, [base, ints])
+    sd = pretrained.load_torch_checkpoint(tmp_path / "t.pth")
+    np.testing.assert_array_equal(sd["rows"], np.arange(2, 8).reshape(2, 3))
+    np.testing.assert_array_equal(sd["transposed"], np.arange(12).reshape(4, 3).T)
+    assert sd["count"].dtype == np.int64 and int(sd["count"]) == 5
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_unpickler_refuses_foreign_globals(tmp_path):
+    marker = tmp_path / "pwned"
+    payload = pickle.dumps(_Evil(marker), protocol=2)
+    legacy = tmp_path / "legacy.pth"
+    legacy.write_bytes(pickle.dumps(pretrained._LEGACY_MAGIC, protocol=2)
+                       + pickle.dumps(1001, protocol=2)
+                       + pickle.dumps({"little_endian": True}, protocol=2) + payload)
+    zipped = tmp_path / "zipped.pth"
+    with zipfile.ZipFile(zipped, "w") as zf:
+        zf.writestr("archive/data.pkl", payload)
+    for path in (legacy, zipped):
+        with pytest.raises(pickle.UnpicklingError, match=r"refusing to load global '(os|posix)\.system'"):
+            pretrained.load_torch_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_missing_file_unknown_arch_and_layer(tmp_path):
+    missing = tmp_path / "nowhere" / "resnet18.pth"
+    with pytest.raises(FileNotFoundError, match=str(missing)):
+        pretrained.load_feature_extractor("resnet18", checkpoint_path=missing)
+    with pytest.raises(ValueError, match="unknown pretrained architecture 'vgg16'"):
+        pretrained.load_feature_extractor("vgg16")
+    with pytest.raises(ValueError, match="checkpoint_path"):
+        pretrained.load_feature_extractor("resnet50")
+    with pytest.raises(ValueError, match=r"unknown feature layer.*layer9"):
+        pretrained.load_feature_extractor(layers=("stage2", "layer9"))
+
+
+def test_wrong_architecture_names_the_first_mismatch(resnet50_file):
+    lite_path = pretrained.default_checkpoint_path("efficientnet_lite0")
+    with pytest.raises(ValueError, match=r"'_conv_stem\.weight'.*not part of resnet18"):
+        pretrained.load_feature_extractor("resnet18", checkpoint_path=lite_path)
+    path, _ = resnet50_file
+    with pytest.raises(ValueError, match=r"'layer1\.0\.conv1\.weight' has shape \(64, 64, 1, 1\), "
+                                         r"resnet18 expects \(64, 64, 3, 3\)"):
+        pretrained.load_feature_extractor("resnet18", checkpoint_path=path)
+
+
+def test_missing_weight_is_named(tmp_path, resnet18_file):
+    _, sd = resnet18_file
+    partial = {k: v for k, v in sd.items() if k != "layer3.1.bn2.running_var"}
+    with pytest.raises(ValueError, match=r"first 'layer3\.1\.bn2\.running_var' \(expected shape \(256,\)\)"):
+        pretrained.convert_state_dict(partial, "resnet18")
+
+
+# ------------------------------------------------------------------ ResNet conversion
+
+def test_resnet18_matches_numpy_torchvision(resnet18_file):
+    path, sd = resnet18_file
+    assert _n_trainable(sd) == 11_689_512  # torchvision resnet18's parameter count
+    fe = pretrained.load_feature_extractor("resnet18", checkpoint_path=path,
+                                           layers=("stem", "layer1", "layer2", "layer3"))
+    images = np.random.default_rng(2).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)  # even: SAME ≠ torch padding
+    x = (images / 255.0 - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225]
+    maps, logits = numpy_resnet(sd, x, 18)
+    expected = _np_stats([maps[k] for k in fe.layers], fe.eps)
+    got = fe.features(images, batch_size=2)
+    np.testing.assert_allclose(got, expected, rtol=2e-4, atol=2e-4 * np.abs(expected).max())
+    np.testing.assert_allclose(fe.classify(images), logits, rtol=2e-4,
+                               atol=2e-4 * np.abs(logits).max())
+
+
+def test_resnet50_every_key_consumed_and_blocks_match_numpy(resnet50_file):
+    path, sd = resnet50_file
+    assert _n_trainable(sd) == 25_557_032  # torchvision resnet50's parameter count
+    variables = pretrained.convert_state_dict(pretrained.load_state_dict(path), "resnet50")
+    leaves = jax.tree_util.tree_leaves(variables)
+    kept = {k: v for k, v in sd.items() if "num_batches" not in k}
+    assert len(leaves) == len(kept) and sum(l.size for l in leaves) == sum(v.size for v in kept.values())
+    np.testing.assert_array_equal(variables["params"]["layer2_0"]["conv2"]["kernel"],
+                                  sd["layer2.0.conv2.weight"].transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(variables["params"]["fc"]["kernel"], sd["fc.weight"].T)
+    # The first block of layer2 (stride 2 on the 3×3, projection shortcut) against numpy.
+    block = pretrained.Bottleneck(128, stride=2, downsample=True)
+    block_vars = {c: variables[c]["layer2_0"] for c in ("params", "batch_stats")}
+    x = np.random.default_rng(3).normal(size=(1, 9, 9, 256)).astype(np.float32)
+    got = np.asarray(block.apply(block_vars, x))
+    sub = {k[len("layer2.0."):]: v for k, v in sd.items() if k.startswith("layer2.0.")}
+    relu = lambda v: np.maximum(v, 0)
+    y = relu(_np_bn(_np_conv(x, sub["conv1.weight"], 1, 0), sub, "bn1"))
+    y = relu(_np_bn(_np_conv(y, sub["conv2.weight"], 2, 1), sub, "bn2"))
+    y = _np_bn(_np_conv(y, sub["conv3.weight"], 1, 0), sub, "bn3")
+    want = relu(y + _np_bn(_np_conv(x, sub["downsample.0.weight"], 2, 0), sub, "downsample.1"))
+    assert got.shape == want.shape == (1, 5, 5, 512)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())

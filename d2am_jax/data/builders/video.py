@@ -1,0 +1,265 @@
+"""The video pipeline shared by the OULU-NPU, CASIA-FASD, Replay-Attack and MSU-MFSD builders:
+sample frames, find the face (release annotations or Haar), crop, resize, attach depth, encode.
+
+A dataset module only says where its videos are, what their labels and splits are, and how to
+read its annotation files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+import re
+from typing import Iterator
+
+import numpy as np
+
+from d2am_jax.data import faces
+from d2am_jax.data.builders.common import LIVE, FasBuilder, FasConfig
+from d2am_jax.data.faces import BadItem
+
+SPLITS = ("train", "test")
+FACE_CROP = ("auto", "annotations", "haar", "none")
+
+
+@dataclasses.dataclass(eq=False)
+class VideoConfig(FasConfig):
+    """Frame sampling, face crop and encoding of a video dataset.
+
+    frames_per_video: evenly spaced frames taken from each video.
+    resolution: side of the square face crop stored (the paper uses 256).
+    face_crop: 'auto' (the release's annotations where it has them, else Haar), 'annotations',
+      'haar', or 'none' (frames are already face crops; just resize).
+    face_margin: the square crop's side is the face box's longer side × (1 + face_margin).
+    image_format / jpeg_quality: encoding of the stored frames.
+    depth_dir: folder of precomputed depth maps (e.g. PRNet) as <depth_dir>/<video id>/<frame>.png;
+      empty: none (the loader uses the face-shaped prior for live frames).
+    """
+
+    frames_per_video: int = 8
+    resolution: int = 256
+    face_crop: str = "auto"
+    face_margin: float = 0.25
+    image_format: str = "jpeg"
+    jpeg_quality: int = 95
+    depth_dir: str = ""
+
+    def validate(self) -> None:
+        self.check_positive("frames_per_video", "resolution", "jpeg_quality")
+        self.check_choice("face_crop", FACE_CROP)
+        self.check_choice("image_format", ("jpeg", "png"))
+        if self.face_margin < 0:
+            raise ValueError(f"{type(self).__name__}.face_margin: expected ≥ 0, "
+                             f"got {self.face_margin}")
+        if self.depth_dir and not os.path.isdir(self.depth_dir):
+            raise ValueError(f"{type(self).__name__}.depth_dir: {self.depth_dir} is not a folder")
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoItem:
+    """One video of a release: where it is and what it is."""
+
+    path: str                  # absolute path of the video file
+    video_id: str              # release-relative path without extension, e.g. 'Train_files/1_1_01_1'
+    split: str                 # 'train' or 'test'
+    label: int                 # 1 live, 0 spoof
+    attack: str                # attack type, '' for live
+    annotation: str | None = None  # the release's face annotation file, if any
+
+
+def files_under(folder: str, extensions: tuple[str, ...]) -> list[str]:
+    """Sorted files below `folder` (recursively) whose extension is in `extensions` (any case)."""
+    out = []
+    for path in glob.glob(os.path.join(folder, "**", "*"), recursive=True):
+        if os.path.isfile(path) and path.lower().endswith(extensions):
+            out.append(path)
+    return sorted(out)
+
+
+def video_id(root: str, path: str) -> str:
+    return os.path.splitext(os.path.relpath(path, root))[0].replace(os.sep, "/")
+
+
+def read_annotation_rows(path: str, ncols: int = 5) -> np.ndarray:
+    """Numeric rows of a face annotation file (comma or space separated) as float [rows, ncols].
+
+    A malformed line fails naming the file and the line number.
+    """
+    rows = []
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            parts = [p for p in re.split(r"[,\s]+", line.strip()) if p]
+            if not parts:
+                continue
+            try:
+                values = [float(p) for p in parts[:ncols]]
+            except ValueError:
+                raise BadItem(f"{path}:{lineno}: expected {ncols} numbers, got {line.strip()!r}")
+            if len(values) < ncols:
+                raise BadItem(f"{path}:{lineno}: expected {ncols} numbers, got {line.strip()!r}")
+            rows.append(values)
+    if not rows:
+        raise BadItem(f"{path}: the annotation file is empty")
+    return np.asarray(rows, np.float64)
+
+
+def box_is_usable(box, frame_shape) -> bool:
+    """A box with positive size that overlaps the frame by at least half its own area."""
+    x, y, w, h = box
+    if w <= 1 or h <= 1:
+        return False
+    fh, fw = frame_shape[:2]
+    ix = max(0.0, min(x + w, fw) - max(x, 0))
+    iy = max(0.0, min(y + h, fh) - max(y, 0))
+    return ix * iy >= 0.5 * w * h
+
+
+class VideoBuilder(FasBuilder, skip_registration=True):
+    """Base of the four video builders. Subclasses define MARKERS, `discover` and, where the
+    release has face annotations, `annotation_boxes`."""
+
+    MARKERS: tuple[str, ...] = ()          # entries that identify the release's root folder
+    HAS_ANNOTATIONS = False
+
+    def _split_generators(self, dl_manager):
+        root = self.release_root(str(dl_manager.manual_dir))
+        items = self.discover(root)
+        by_split = {s: [it for it in items if it.split == s] for s in SPLITS}
+        for split, its in by_split.items():
+            if not its:
+                raise BadItem(f"{self.name}: no usable {split} videos found under {root}\n"
+                              f"{self.MANUAL_DOWNLOAD_INSTRUCTIONS}")
+        return {s: self._counted(s, self._examples(s, its)) for s, its in by_split.items()}
+
+    def release_root(self, manual_dir: str) -> str:
+        """The folder holding the release: manual_dir itself or one folder below it."""
+        candidates = [manual_dir] + sorted(glob.glob(os.path.join(manual_dir, "*", "")))
+        for c in candidates:
+            if all(os.path.exists(os.path.join(c, m)) for m in self.MARKERS):
+                return os.path.normpath(c)
+        raise FileNotFoundError(
+            f"{self.name}: {manual_dir} does not hold the release (looked for "
+            f"{', '.join(self.MARKERS)} there and one folder below).\n"
+            f"{self.MANUAL_DOWNLOAD_INSTRUCTIONS}")
+
+    def discover(self, root: str) -> list[VideoItem]:
+        raise NotImplementedError
+
+    def annotation_boxes(self, item: VideoItem) -> dict[int, tuple]:
+        """{frame index: (x, y, w, h)} from the release's annotation file (raise BadItem)."""
+        raise NotImplementedError
+
+    # -- per video ------------------------------------------------------------------------------
+
+    def _examples(self, split: str, items: list[VideoItem]) -> Iterator:
+        return self._map_items(items, self.video_examples, lambda it: it.path,
+                               f"{self.name} {split} videos")
+
+    def video_examples(self, item: VideoItem) -> tuple[list, list[str]]:
+        """The (key, example) pairs of one video, and notes for the build report."""
+        cfg = self.builder_config
+        frames = faces.read_video_frames(item.path, cfg.frames_per_video)
+        notes: list[str] = []
+        crops = self._crops(item, frames, notes)
+        out = []
+        for (index, _), crop in zip(frames, crops):
+            depth = self._depth_bytes(item, index, notes) if item.label == LIVE else b""
+            out.append((f"{item.video_id}/{index}", {
+                "image": faces.encode_image(crop, cfg.image_format, cfg.jpeg_quality),
+                "label": item.label, "depth": depth, "video": item.video_id,
+                "domain": self.name, "frame": index, "attack": item.attack}))
+        return out, notes
+
+    def _crops(self, item: VideoItem, frames, notes: list[str]) -> list[np.ndarray]:
+        cfg = self.builder_config
+        if cfg.face_crop == "none":
+            return [faces.resize_square(rgb, cfg.resolution) for _, rgb in frames]
+        boxes = None
+        if cfg.face_crop == "annotations" or (cfg.face_crop == "auto" and self.HAS_ANNOTATIONS):
+            boxes = self._annotated_boxes(item, frames, notes)
+        if boxes is None:
+            frames, boxes = self._haar_boxes(item, frames, notes)
+        return [faces.crop_face(rgb, box, cfg.face_margin, cfg.resolution)
+                for (_, rgb), box in zip(frames, boxes)]
+
+    def _annotated_boxes(self, item: VideoItem, frames, notes: list[str]):
+        """Boxes from the release's annotations; None (→ Haar) in 'auto' mode when unusable."""
+        strict = self.builder_config.face_crop == "annotations"
+        if not self.HAS_ANNOTATIONS:
+            raise BadItem(f"{self.name} has no face annotations; use face_crop=haar or auto")
+        try:
+            if not item.annotation or not os.path.exists(item.annotation):
+                raise BadItem(f"{item.path}: its face annotation file "
+                              f"{item.annotation or '(none)'} is missing")
+            table = self.annotation_boxes(item)
+            shape = frames[0][1].shape
+            table = {k: b for k, b in table.items() if box_is_usable(b, shape)}
+            if not table:
+                raise BadItem(f"{item.annotation}: no usable face box in the annotation file")
+        except BadItem:
+            if strict:
+                raise
+            notes.append("videos_annotation_unusable_used_haar")
+            return None
+        keys = np.array(sorted(table))
+        boxes = []
+        for index, _ in frames:
+            nearest = int(keys[np.argmin(np.abs(keys - index))])
+            if nearest != index:
+                notes.append("frames_box_from_nearest_annotated_frame")
+            boxes.append(table[nearest])
+        return boxes
+
+    def _haar_boxes(self, item: VideoItem, frames, notes: list[str]):
+        """(frames, boxes) from the Haar cascade; a video found only upside down is turned
+        (some phone videos, e.g. six of MSU-MFSD's, are stored rotated by 180°)."""
+        boxes = [faces.detect_face(rgb) for _, rgb in frames]
+        if all(b is None for b in boxes):
+            turned = [(i, np.ascontiguousarray(rgb[::-1, ::-1])) for i, rgb in frames]
+            turned_boxes = [faces.detect_face(rgb) for _, rgb in turned]
+            if any(b is not None for b in turned_boxes):
+                notes.append("videos_rotated_180_to_find_the_face")
+                frames, boxes = turned, turned_boxes
+        if all(b is None for b in boxes):
+            raise BadItem(f"{item.path}: no face found by the Haar cascade in any of the "
+                          f"{len(frames)} sampled frames")
+        missing = sum(b is None for b in boxes)
+        if missing:
+            notes.extend(["frames_box_from_nearest_detected_frame"] * missing)
+        return frames, faces.nearest_boxes(boxes)
+
+    def _depth_bytes(self, item: VideoItem, index: int, notes: list[str]) -> bytes:
+        """The encoded depth map of a live frame from depth_dir, or b'' (→ the prior)."""
+        cfg = self.builder_config
+        if not cfg.depth_dir:
+            return b""
+        found = depth_map_path(cfg.depth_dir, item.video_id, index)
+        if found is None:
+            notes.append("live_frames_without_depth_map_used_prior")
+            return b""
+        path, map_frame = found
+        if map_frame != index:
+            notes.append("live_frames_depth_from_nearest_frame")
+        return faces.encode_image(faces.read_depth_image(path, cfg.resolution), "png")
+
+
+DEPTH_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
+
+
+def depth_map_path(depth_dir: str, vid: str, index: int) -> tuple[str, int] | None:
+    """<depth_dir>/<video id>/<frame>.<ext> (frame with or without leading zeros); the nearest
+    frame's map in that folder when the exact one is absent; None when the folder is absent.
+    Returns (path, frame index of the map)."""
+    folder = os.path.join(depth_dir, *vid.split("/"))
+    if not os.path.isdir(folder):
+        return None
+    numbered = {}
+    for name in os.listdir(folder):
+        stem, ext = os.path.splitext(name)
+        if ext.lower() in DEPTH_EXTENSIONS and stem.isdigit():
+            numbered.setdefault(int(stem), os.path.join(folder, name))
+    if not numbered:
+        return None
+    nearest = min(numbered, key=lambda k: (abs(k - index), k))
+    return numbered[nearest], nearest

@@ -1,0 +1,192 @@
+"""Video frames and face crops for the dataset builders: evenly spaced frame sampling, Haar or
+annotation face boxes, square crops with a margin, resizing and image encoding (OpenCV + PIL).
+
+Host-only (numpy, OpenCV, PIL). Boxes are (x, y, w, h) in pixels of the frame they belong to.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import os
+
+import cv2
+import numpy as np
+from PIL import Image
+
+# A detector box narrower than this fraction of the frame's shorter side is taken for a false
+# positive (background texture); real FAS faces fill a large part of the frame.
+MIN_FACE_FRACTION = 0.08
+# Haar runs on a copy whose longer side is at most this; 1080p frames are slow and gain nothing.
+DETECT_MAX_SIDE = 640
+
+
+class BadItem(ValueError):
+    """An input file (video, image, annotation, manifest row) that cannot become examples."""
+
+
+@functools.lru_cache(maxsize=1)
+def haar_detector() -> cv2.CascadeClassifier:
+    """OpenCV's frontal-face Haar cascade, shipped inside opencv-python-headless."""
+    path = os.path.join(cv2.data.haarcascades, "haarcascade_frontalface_default.xml")
+    cascade = cv2.CascadeClassifier(path)
+    if cascade.empty():
+        raise RuntimeError(f"could not load the Haar cascade from {path}")
+    return cascade
+
+
+def detect_face(rgb: np.ndarray) -> tuple[int, int, int, int] | None:
+    """The largest frontal face in an RGB uint8 frame as (x, y, w, h), or None."""
+    h, w = rgb.shape[:2]
+    scale = min(1.0, DETECT_MAX_SIDE / max(h, w))
+    gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+    if scale < 1.0:
+        gray = cv2.resize(gray, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_AREA)
+    gray = cv2.equalizeHist(gray)
+    min_side = max(12, int(MIN_FACE_FRACTION * min(gray.shape)))
+    faces = haar_detector().detectMultiScale(
+        gray, scaleFactor=1.1, minNeighbors=5, minSize=(min_side, min_side))
+    if len(faces) == 0:
+        return None
+    x, y, bw, bh = max(faces, key=lambda b: b[2] * b[3])
+    return tuple(int(round(v / scale)) for v in (x, y, bw, bh))
+
+
+def box_from_eyes(left: tuple[float, float], right: tuple[float, float]) -> tuple[int, int, int, int]:
+    """A detector-like square face box from two eye centres (OULU-NPU's annotations).
+
+    Assumption, from average face proportions: a Haar/MTCNN face box is about 2.2 interocular
+    distances wide and places the eyes 0.38 of its height from the top.
+    """
+    (lx, ly), (rx, ry) = left, right
+    d = float(np.hypot(rx - lx, ry - ly))
+    if d <= 0:
+        raise ValueError(f"box_from_eyes: the two eye positions coincide ({left}, {right})")
+    side = 2.2 * d
+    cx, cy = (lx + rx) / 2.0, (ly + ry) / 2.0
+    return (int(round(cx - side / 2)), int(round(cy - 0.38 * side)), int(round(side)),
+            int(round(side)))
+
+
+def crop_face(rgb: np.ndarray, box, margin: float, size: int) -> np.ndarray:
+    """A size×size uint8 crop: the square around `box` enlarged by `margin` (0.25 = 25% wider).
+
+    Parts of the square outside the frame are filled by replicating the border, so the face stays
+    centred and unscaled near frame edges.
+    """
+    x, y, w, h = box
+    side = max(w, h) * (1.0 + margin)
+    cx, cy = x + w / 2.0, y + h / 2.0
+    x0, y0 = int(round(cx - side / 2)), int(round(cy - side / 2))
+    s = max(1, int(round(side)))
+    fh, fw = rgb.shape[:2]
+    pad = (max(0, -y0), max(0, y0 + s - fh), max(0, -x0), max(0, x0 + s - fw))
+    if any(pad):
+        rgb = cv2.copyMakeBorder(rgb, *pad, borderType=cv2.BORDER_REPLICATE)
+        x0, y0 = x0 + pad[2], y0 + pad[0]
+    return resize_square(rgb[y0:y0 + s, x0:x0 + s], size)
+
+
+def resize_square(rgb: np.ndarray, size: int) -> np.ndarray:
+    """Resize to size×size (area interpolation when shrinking, cubic when enlarging)."""
+    h, w = rgb.shape[:2]
+    if (h, w) == (size, size):
+        return np.ascontiguousarray(rgb)
+    interp = cv2.INTER_AREA if size < min(h, w) else cv2.INTER_CUBIC
+    return cv2.resize(rgb, (size, size), interpolation=interp)
+
+
+def sample_indices(total: int, n: int) -> np.ndarray:
+    """n evenly spaced frame indices in [0, total): the centres of n equal segments.
+
+    Centres rather than the ends skip the first and last frames, which are often transitions.
+    Short videos give every frame once (fewer than n).
+    """
+    if total <= 0:
+        return np.zeros((0,), np.int64)
+    if total <= n:
+        return np.arange(total, dtype=np.int64)
+    return ((np.arange(n) + 0.5) * total / n).astype(np.int64)
+
+
+def _count_frames(path: str) -> int:
+    cap = cv2.VideoCapture(path)
+    count = 0
+    while cap.grab():
+        count += 1
+    cap.release()
+    return count
+
+
+def read_video_frames(path: str, n: int) -> list[tuple[int, np.ndarray]]:
+    """n evenly spaced frames of a video as (frame index, RGB uint8), in order.
+
+    Trusts the container's frame count, and counts by decoding when the count is missing or the
+    video ends early (common for .mov). Raises BadItem for a video OpenCV cannot read.
+    """
+    cap = cv2.VideoCapture(path)
+    if not cap.isOpened():
+        raise BadItem(f"{path}: OpenCV cannot open this video")
+    total = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
+    cap.release()
+    frames = _read_at(path, sample_indices(total, n)) if total > 0 else []
+    if len(frames) < min(n, max(total, 1)):
+        total = _count_frames(path)
+        frames = _read_at(path, sample_indices(total, n))
+    if not frames:
+        raise BadItem(f"{path}: no frame could be decoded")
+    return frames
+
+
+def _read_at(path: str, wanted: np.ndarray) -> list[tuple[int, np.ndarray]]:
+    cap = cv2.VideoCapture(path)
+    out, want, i = [], set(int(k) for k in wanted), 0
+    last = max(want) if want else -1
+    while i <= last and cap.grab():
+        if i in want:
+            ok, bgr = cap.retrieve()
+            if ok and bgr is not None:
+                out.append((i, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)))
+        i += 1
+    cap.release()
+    return out
+
+
+def nearest_boxes(boxes: list) -> list:
+    """Fill None entries with the box of the nearest frame that has one (faces move little)."""
+    have = [i for i, b in enumerate(boxes) if b is not None]
+    if not have:
+        return boxes
+    return [b if b is not None else boxes[min(have, key=lambda j: abs(j - i))]
+            for i, b in enumerate(boxes)]
+
+
+def encode_image(rgb: np.ndarray, fmt: str, quality: int = 95) -> bytes:
+    """PIL-encoded PNG or JPEG bytes of an RGB (H, W, 3) or gray (H, W) uint8 array."""
+    buf = io.BytesIO()
+    img = Image.fromarray(np.ascontiguousarray(rgb))
+    if fmt == "png":
+        img.save(buf, format="PNG")
+    elif fmt == "jpeg":
+        img.save(buf, format="JPEG", quality=int(quality))
+    else:
+        raise ValueError(f"image_format must be 'png' or 'jpeg', got {fmt!r}")
+    return buf.getvalue()
+
+
+def encode_depth(depth: np.ndarray) -> bytes:
+    """8-bit grayscale PNG of a depth map in [0, 1] (values outside are clipped)."""
+    d = np.clip(np.asarray(depth, np.float32), 0.0, 1.0)
+    return encode_image(np.round(d * 255.0).astype(np.uint8), "png")
+
+
+def read_depth_image(path: str, size: int) -> np.ndarray:
+    """A depth map file (any 8-bit image; colour is averaged to gray) as uint8 [size, size]."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            gray = np.asarray(img.convert("L"))
+    except (OSError, ValueError) as e:
+        raise BadItem(f"{path}: cannot read the depth map ({e})") from e
+    return cv2.resize(gray, (size, size), interpolation=cv2.INTER_AREA
+                      if size < min(gray.shape) else cv2.INTER_LINEAR)

@@ -1,0 +1,246 @@
+"""Reads a built FAS dataset (ArrayRecord via tfds' `as_data_source`) into a host-side `FasData`:
+labels, video, domain arrays in memory; frames and depth maps decoded with PIL on demand.
+
+Host-only: numpy, PIL and tensorflow-datasets' data sources; no jax, no TensorFlow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import io
+import logging
+import os
+
+import numpy as np
+from PIL import Image
+import tensorflow_datasets as tfds
+
+from d2am_jax.data import builders
+from d2am_jax.data.depth import face_depth_prior
+
+log = logging.getLogger(__name__)
+
+_CHUNK = 512  # records read per data-source call while collecting the metadata
+
+
+class Records:
+    """Global index → (data source, local index): the examples of one or more built splits."""
+
+    def __init__(self, sources: list, source_id: np.ndarray, local: np.ndarray):
+        self.sources = sources
+        self.source_id = np.asarray(source_id, np.int32)
+        self.local = np.asarray(local, np.int64)
+
+    def __len__(self) -> int:
+        return len(self.local)
+
+    def get(self, i: int) -> dict:
+        return self.sources[self.source_id[i]][int(self.local[i])]
+
+    def take(self, idx: np.ndarray) -> "Records":
+        return Records(self.sources, self.source_id[idx], self.local[idx])
+
+    @staticmethod
+    def concat(parts: list["Records"]) -> "Records":
+        sources, ids, local = [], [], []
+        for p in parts:
+            ids.append(p.source_id + len(sources))
+            sources.extend(p.sources)
+            local.append(p.local)
+        return Records(sources, np.concatenate(ids), np.concatenate(local))
+
+
+def decode_png_or_jpeg(blob: bytes, what: str) -> np.ndarray:
+    try:
+        with Image.open(io.BytesIO(blob)) as img:
+            img.load()
+            return np.asarray(img)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{what}: stored image bytes cannot be decoded ({e})") from e
+
+
+class EncodedFrames:
+    """The frames of a FasData: `decode_one(i)` → uint8 [H, W, 3]; `frames[idx]` → [n, H, W, 3]."""
+
+    def __init__(self, records: Records, shape: tuple[int, int], names: np.ndarray):
+        self.records = records
+        self.shape = tuple(shape)
+        self._names = names  # "dataset:video#frame" per example, for error messages
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def decode_one(self, i: int) -> np.ndarray:
+        rgb = decode_png_or_jpeg(self.records.get(int(i))["image"], self._names[i])
+        if rgb.shape != self.shape + (3,) or rgb.dtype != np.uint8:
+            raise ValueError(f"{self._names[i]}: stored frame has shape {rgb.shape} "
+                             f"{rgb.dtype}, expected {self.shape + (3,)} uint8")
+        return rgb
+
+    def __getitem__(self, idx) -> np.ndarray:
+        idx = np.atleast_1d(np.asarray(idx, np.int64))
+        out = np.empty((len(idx),) + self.shape + (3,), np.uint8)
+        for k, i in enumerate(idx):
+            out[k] = self.decode_one(i)
+        return out
+
+    def take(self, idx: np.ndarray) -> "EncodedFrames":
+        return EncodedFrames(self.records.take(idx), self.shape, self._names[idx])
+
+
+class DepthStore:
+    """Depth targets (Eq. 10): the stored map for a live frame that has one, the face-shaped
+    prior for other live frames, zeros for spoof; float32 in [0, 1], `size` × `size`."""
+
+    def __init__(self, records: Records, labels: np.ndarray, has_map: np.ndarray, size: int):
+        self.records, self.labels, self.has_map, self.size = records, labels, has_map, int(size)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, idx) -> np.ndarray:
+        idx = np.atleast_1d(np.asarray(idx, np.int64))
+        out = np.zeros((len(idx), self.size, self.size), np.float32)
+        for k, i in enumerate(idx):
+            if self.labels[i] != 1:
+                continue
+            out[k] = self._map(i) if self.has_map[i] else _prior(self.size)
+        return out
+
+    def _map(self, i: int) -> np.ndarray:
+        gray = decode_png_or_jpeg(self.records.get(int(i))["depth"], f"depth of example {i}")
+        img = Image.fromarray(gray if gray.ndim == 2 else gray[..., 0])
+        if img.size != (self.size, self.size):
+            img = img.resize((self.size, self.size), Image.BILINEAR)
+        return np.asarray(img, np.float32) / 255.0
+
+    def take(self, idx: np.ndarray) -> "DepthStore":
+        return DepthStore(self.records.take(idx), self.labels[idx], self.has_map[idx], self.size)
+
+
+@functools.lru_cache(maxsize=8)
+def _prior(size: int) -> np.ndarray:
+    return face_depth_prior(size)
+
+
+@dataclasses.dataclass
+class FasData:
+    """n examples on the host. `domain` is for analysis and the 'w/ d' ablation only; `video` is
+    '<dataset>:<video id>' so ids stay unique when datasets are pooled."""
+
+    frames: EncodedFrames
+    labels: np.ndarray        # int32 [n], 1 live, 0 spoof
+    depth: DepthStore
+    video: np.ndarray         # str [n]
+    domain: np.ndarray        # str [n]
+    attack: np.ndarray        # str [n], '' for live
+    frame: np.ndarray         # int32 [n], frame index within its video
+    origin: np.ndarray        # str [n], '<dataset>/<split>' each example was read from
+    skipped: list = dataclasses.field(default_factory=list)  # items the builds skipped
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def take(self, idx) -> "FasData":
+        idx = np.asarray(idx)
+        if idx.dtype == bool:
+            idx = np.flatnonzero(idx)
+        return FasData(self.frames.take(idx), self.labels[idx], self.depth.take(idx),
+                       self.video[idx], self.domain[idx], self.attack[idx], self.frame[idx],
+                       self.origin[idx], list(self.skipped))
+
+    @staticmethod
+    def concat(parts: list["FasData"]) -> "FasData":
+        if not parts:
+            raise ValueError("FasData.concat: nothing to concatenate")
+        shapes = {p.frames.shape for p in parts}
+        sizes = {p.depth.size for p in parts}
+        if len(shapes) > 1 or len(sizes) > 1:
+            raise ValueError(f"FasData.concat: parts differ in frame shape {sorted(shapes)} or "
+                             f"depth size {sorted(sizes)}; build them at one resolution")
+        records = Records.concat([p.frames.records for p in parts])
+        labels = np.concatenate([p.labels for p in parts])
+        cat = lambda f: np.concatenate([getattr(p, f) for p in parts])  # noqa: E731
+        names = np.concatenate([p.frames._names for p in parts])
+        return FasData(
+            EncodedFrames(records, parts[0].frames.shape, names), labels,
+            DepthStore(records, labels, cat_has_map(parts), parts[0].depth.size),
+            cat("video"), cat("domain"), cat("attack"), cat("frame"), cat("origin"),
+            [s for p in parts for s in p.skipped])
+
+    def class_counts(self) -> dict[str, int]:
+        return {"live": int((self.labels == 1).sum()), "spoof": int((self.labels == 0).sum())}
+
+    def require_both_classes(self, what: str) -> None:
+        """Fail before training when a set lacks live or spoof examples."""
+        counts = self.class_counts()
+        empty = [k for k, v in counts.items() if v == 0]
+        if empty:
+            raise ValueError(f"{what}: no {' and no '.join(empty)} examples "
+                             f"({counts}; from {sorted(set(self.origin))})")
+
+
+def cat_has_map(parts: list[FasData]) -> np.ndarray:
+    return np.concatenate([p.depth.has_map for p in parts])
+
+
+def load(name: str, split: str, data_dir: str, config: dict | None = None, *,
+         depth_size: int | None = None) -> FasData:
+    """The built split `split` of dataset `name` (with the same config overrides as its build)."""
+    builder = builders.builder(name, data_dir, config)
+    if not builder.is_prepared():
+        overrides = " ".join(f"--config {k}={v}" for k, v in (config or {}).items())
+        raise FileNotFoundError(
+            f"{name} (config {builder.builder_config.name}) is not built in {data_dir}; run: "
+            f"python -m d2am_jax.data.build {name} --data_dir {data_dir} "
+            f"--manual_dir <release folder> {overrides}".rstrip())
+    return from_builder(builder, split, depth_size=depth_size)
+
+
+def load_directory(path: str, split: str, *, depth_size: int | None = None) -> FasData:
+    """A split of the dataset built in `path` (…/<name>/<config>/<version>)."""
+    return from_builder(tfds.builder_from_directory(path), split, depth_size=depth_size)
+
+
+def from_builder(builder, split: str, *, depth_size: int | None = None) -> FasData:
+    if split not in builder.info.splits:
+        raise ValueError(f"{builder.name}: no split {split!r}; it has "
+                         f"{sorted(builder.info.splits.keys())}")
+    source = builder.as_data_source(split)
+    n = len(source)
+    if n == 0:
+        raise ValueError(f"{builder.name}/{split} in {builder.data_dir} is empty")
+    meta = {k: [] for k in ("label", "video", "domain", "attack", "frame", "has_depth")}
+    for start in range(0, n, _CHUNK):
+        for rec in source.__getitems__(range(start, min(n, start + _CHUNK))):
+            meta["label"].append(int(rec["label"]))
+            meta["video"].append(_text(rec["video"]))
+            meta["domain"].append(_text(rec["domain"]))
+            meta["attack"].append(_text(rec["attack"]))
+            meta["frame"].append(int(rec["frame"]))
+            meta["has_depth"].append(len(rec["depth"]) > 0)
+    labels = np.asarray(meta["label"], np.int32)
+    bad = sorted(set(labels.tolist()) - {0, 1})
+    if bad:
+        raise ValueError(f"{builder.name}/{split}: labels {bad} outside {{0 spoof, 1 live}}")
+    records = Records([source], np.zeros(n, np.int32), np.arange(n))
+    first = decode_png_or_jpeg(source[0]["image"], f"{builder.name}/{split}[0]")
+    video = np.asarray([f"{builder.name}:{v}" for v in meta["video"]])
+    names = np.asarray([f"{v}#{f}" for v, f in zip(video, meta["frame"])])
+    report = builders.read_report(builder.data_dir) or {}
+    if report.get("num_skipped"):
+        log.warning("%s: its build skipped %d bad item(s); see %s", builder.name,
+                    report["num_skipped"], os.path.join(builder.data_dir, builders.REPORT_FILE))
+    return FasData(
+        frames=EncodedFrames(records, first.shape[:2], names), labels=labels,
+        depth=DepthStore(records, labels, np.asarray(meta["has_depth"]),
+                         depth_size or first.shape[0]),
+        video=video, domain=np.asarray(meta["domain"]), attack=np.asarray(meta["attack"]),
+        frame=np.asarray(meta["frame"], np.int32),
+        origin=np.full(n, f"{builder.name}/{split}"),
+        skipped=[dict(s, dataset=builder.name) for s in report.get("skipped", [])])
+
+
+def _text(value) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)

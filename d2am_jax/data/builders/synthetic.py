@@ -66,4 +66,4 @@ class FasSynthetic(FasBuilder):
                 "label": int(data["label"][i]),
                 "depth": faces.encode_depth(data["depth"][i]) if live else b"",
                 "video": video, "domain": domain_split(int(data["domain"][i])),
-                "frame": frame, "attack": str(data["attack"][i])}
+                "frame": frame, "attack": "" if live else str(data["attack"][i])}

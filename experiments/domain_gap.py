@@ -1,4 +1,4 @@
-"""How real the synthetic data's domain shift is: a plain classifier in-domain vs on an unseen domain.
+"""How real the synthetic data's domain shift is: a plain classifier in-domain vs on an unseen one.
 
 Leave-one-domain-out with logistic regression on simple features; prints one JSON line.
 

@@ -185,7 +185,7 @@ def _tone_range(lo: float, width: float) -> tuple[float, float]:
 
 
 def domain_style(seed: int, domain: int) -> DomainStyle:
-    """The look of latent domain `domain`: hand-designed below NUM_DESIGNED, else drawn from seed."""
+    """The look of latent domain `domain`: hand-designed below NUM_DESIGNED, else seed-drawn."""
     if domain < 0:
         raise ValueError(f"domain_style: domain must be ≥ 0, got {domain}")
     return _DESIGNED[domain] if domain < NUM_DESIGNED else _drawn_style(seed, domain)

@@ -70,10 +70,10 @@ def get(name: str, splits: str = "ssdg") -> Protocol:
     return cross_dataset(re.sub(r"[&_,\s]", "", m.group(1)), m.group(2), splits)
 
 
-def domain_protocol(dataset: str, source: list[str], target: list[str], split: str = "all",
+def domain_protocol(dataset: str, source: list[str], target: list[str], split: str = "frames",
                     name: str | None = None) -> Protocol:
     """Source and target as lists of domain names of one built dataset (a manifest's `domain`
-    column, by default its single split 'all')."""
+    column; its single split is 'frames')."""
     source, target = tuple(source), tuple(target)
     if not source or not target:
         raise ValueError(f"{dataset}: both the source and the target need at least one domain "

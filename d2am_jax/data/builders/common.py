@@ -71,10 +71,14 @@ def config_fields(cls: type[FasConfig]) -> dict[str, dataclasses.Field]:
 
 
 def _name_part(key: str, value: Any) -> str:
+    clean = lambda v: re.sub(r"[^A-Za-z0-9.]+", "", str(v))  # noqa: E731
     if isinstance(value, str) and (os.sep in value or key.endswith(("_dir", "manifest"))):
-        digest = hashlib.sha1(os.path.abspath(value).encode()).hexdigest()[:8]
-        value = f"{os.path.basename(os.path.normpath(value))}-{digest}"
-    return f"{key}-{re.sub(r'[^A-Za-z0-9.]+', '', str(value))}"
+        # A path: the folder it names (or holds it) for people, a hash of it for uniqueness.
+        path = os.path.abspath(value)
+        folder = path if os.path.isdir(path) else os.path.dirname(path)
+        digest = hashlib.sha1(path.encode()).hexdigest()[:8]
+        return f"{key}-{clean(os.path.basename(folder))}-{digest}"
+    return f"{key}-{clean(value)}"
 
 
 def make_config(cls: type[FasConfig], default: FasConfig, overrides: dict[str, Any]) -> FasConfig:

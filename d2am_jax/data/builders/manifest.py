@@ -1,5 +1,5 @@
 """fas_manifest: any user's face frames listed in manifest.csv (path,label[,video][,domain][,depth],
-paths relative to the manifest), checked row by row and stored as one split, 'all'.
+paths relative to the manifest), checked row by row and stored as one split, 'frames'.
 
 Frames are taken as already cropped faces and resized; face_crop=haar crops them first.
 """
@@ -22,7 +22,7 @@ from d2am_jax.data.faces import BadItem
 REQUIRED = ("path", "label")
 OPTIONAL = ("video", "domain", "depth")
 LABELS = {"live": LIVE, "spoof": SPOOF}
-SPLIT = "all"
+SPLIT = "frames"  # tfds reserves "all"
 
 
 @dataclasses.dataclass(eq=False)
@@ -74,14 +74,19 @@ frame, relative to the manifest (default: the face-shaped prior).
 """
 
     def manifest_path(self, manual_dir) -> str:
-        path = self.builder_config.manifest or os.path.join(str(manual_dir), "manifest.csv")
+        """The config's manifest, else <manual_dir>/manifest.csv (manual_dir may be a callable
+        giving it: tfds' dl_manager.manual_dir fails when read without a manual_dir)."""
+        path = self.builder_config.manifest
+        if not path:
+            path = os.path.join(str(manual_dir() if callable(manual_dir) else manual_dir),
+                                "manifest.csv")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"fas_manifest: {path} does not exist.\n"
                                     f"{self.MANUAL_DOWNLOAD_INSTRUCTIONS}")
         return os.path.abspath(path)
 
     def _split_generators(self, dl_manager):
-        self._manifest = self.manifest_path(dl_manager.manual_dir)
+        self._manifest = self.manifest_path(lambda: dl_manager.manual_dir)
         rows = self.read_rows(self._manifest)
         return {SPLIT: self._counted(SPLIT, self._map_items(
             rows, self.row_examples, lambda r: f"{self._manifest}:{r.line}", "manifest rows"))}

@@ -241,6 +241,17 @@ def test_msu_subject_lists_and_corner_annotations(tmp_path):
         build.build("msu_mfsd", str(tmp_path / "out2"), root, SMALL)
 
 
+def test_msu_face_files_in_face_locations_folder(tmp_path):
+    root = fake_msu(str(tmp_path / "rel"))
+    stem = "real/real_client002_laptop_SD_scene01"
+    os.makedirs(os.path.join(root, "face-locations", "real"))
+    os.rename(os.path.join(root, "scene01", stem + ".face"),
+              os.path.join(root, "face-locations", stem + ".face"))
+    summary, sets = build_and_load("msu_mfsd", root, tmp_path / "out",
+                                   dict(SMALL, face_margin="0"))
+    assert "videos_annotation_unusable_used_haar" not in summary["notes"]
+    assert all(red_fraction(sets["train"].frames.decode_one(i)) > 0.9 for i in range(4))
+
 def test_missing_release_names_the_expected_layout(tmp_path):
     with pytest.raises(FileNotFoundError, match="Train_files"):
         build.build("oulu_npu", str(tmp_path / "out"), str(tmp_path), SMALL)
@@ -405,3 +416,4 @@ def test_synthetic_builder_round_trips_the_generator(tmp_path):
         assert got.attack[k] == ("" if want["label"][i] == 1 else want["attack"][i])
         np.testing.assert_allclose(got.depth[[k]][0], want["depth"][i], atol=0.5 / 255 + 1e-6)
     assert "tensorflow" not in sys.modules
+

@@ -38,8 +38,9 @@ manual_dir (or one folder inside it) holds:
   scene01/real/real_client002_android_SD_scene01.mp4, scene01/real/..._laptop_SD_scene01.mov
   scene01/attack/attack_client002_android_SD_ipad_video_scene01.mp4, ...
   train_sub_list.txt, test_sub_list.txt   (one subject number per line, e.g. 02)
-Face boxes: each video's .face file next to it (scene01/real/<name>.face) or under
-face-locations/scene01/real/<name>.face; lines `frame,x1,y1,x2,y2`. Videos without one use Haar.
+Face boxes: each video's .face file next to it (scene01/real/<name>.face), or under
+face-locations/scene01/real/<name>.face or face-locations/real/<name>.face; lines
+`frame,x1,y1,x2,y2`. Videos without one use the Haar cascade (counted in build_report.json).
 """
 
     def discover(self, root: str) -> list[VideoItem]:
@@ -61,16 +62,23 @@ face-locations/scene01/real/<name>.face; lines `frame,x1,y1,x2,y2`. Videos witho
                 self._guard(path, BadItem(f"{path}: {e}"))
                 continue
             vid = video_id(root, path)
-            beside = os.path.splitext(path)[0] + ".face"
-            under = os.path.join(root, FACE_FOLDER, *vid.split("/")) + ".face"
-            ann = beside if os.path.exists(beside) else under
-            items.append(VideoItem(path, vid, split, label, attack, ann))
+            items.append(VideoItem(path, vid, split, label, attack, face_file(root, path, vid)))
         return items
 
     def annotation_boxes(self, item: VideoItem) -> dict[int, tuple]:
         rows = read_annotation_rows(item.annotation, 5)
         return {int(f): (int(x1), int(y1), int(x2 - x1), int(y2 - y1))
                 for f, x1, y1, x2, y2 in rows if x2 > x1 and y2 > y1}
+
+
+def face_file(root: str, path: str, vid: str) -> str:
+    """The video's .face file: beside it, under face-locations/scene01/…, or under
+    face-locations/<real|attack>/… (the layout bob.db.msu_mfsd_mod uses); the first that exists."""
+    rel = vid.split("/")
+    candidates = [os.path.splitext(path)[0] + ".face",
+                  os.path.join(root, FACE_FOLDER, *rel) + ".face",
+                  os.path.join(root, FACE_FOLDER, *rel[1:]) + ".face"]
+    return next((c for c in candidates if os.path.exists(c)), candidates[0])
 
 
 def read_subjects(path: str) -> set[int]:

@@ -355,6 +355,13 @@ def test_loader_take_concat_and_unbuilt_dataset(tmp_path):
         loader.load("casia_fasd", "devel", str(tmp_path / "out"), SMALL)
     direct = loader.load_directory(both_dir(tmp_path / "out"), "train", depth_size=8)
     assert len(direct) == 8 and direct.depth[[0]].shape == (1, 8, 8)
+    # Re-reading records instead of holding the encoded bytes gives the same data, also mixed.
+    lazy = loader.load("casia_fasd", "train", str(tmp_path / "out"), SMALL, in_memory=False)
+    assert lazy.frames.records.blobs is None and train.frames.records.blobs is not None
+    np.testing.assert_array_equal(lazy.frames[np.arange(8)], train.frames[np.arange(8)])
+    np.testing.assert_array_equal(lazy.depth[np.arange(8)], train.depth[np.arange(8)])
+    mixed = loader.FasData.concat([lazy, test])
+    np.testing.assert_array_equal(mixed.frames[[3, 12]], both.frames[[3, 12]])
 
 
 def both_dir(out):

@@ -25,21 +25,31 @@ _CHUNK = 512  # records read per data-source call while collecting the metadata
 
 
 class Records:
-    """Global index → (data source, local index): the examples of one or more built splits."""
+    """Global index → (data source, local index): the examples of one or more built splits.
 
-    def __init__(self, sources: list, source_id: np.ndarray, local: np.ndarray):
+    With `blobs` (encoded image and depth bytes per example, read once at load) frames decode
+    without touching the ArrayRecord files again; without, each access re-reads the record.
+    """
+
+    def __init__(self, sources: list, source_id: np.ndarray, local: np.ndarray,
+                 blobs: dict[str, np.ndarray] | None = None):
         self.sources = sources
         self.source_id = np.asarray(source_id, np.int32)
         self.local = np.asarray(local, np.int64)
+        self.blobs = blobs
 
     def __len__(self) -> int:
         return len(self.local)
 
-    def get(self, i: int) -> dict:
-        return self.sources[self.source_id[i]][int(self.local[i])]
+    def bytes_of(self, i: int, field: str) -> bytes:
+        """The encoded 'image' or 'depth' of example i."""
+        if self.blobs is not None:
+            return self.blobs[field][i]
+        return self.sources[self.source_id[i]][int(self.local[i])][field]
 
     def take(self, idx: np.ndarray) -> "Records":
-        return Records(self.sources, self.source_id[idx], self.local[idx])
+        blobs = None if self.blobs is None else {k: v[idx] for k, v in self.blobs.items()}
+        return Records(self.sources, self.source_id[idx], self.local[idx], blobs)
 
     @staticmethod
     def concat(parts: list["Records"]) -> "Records":
@@ -48,7 +58,10 @@ class Records:
             ids.append(p.source_id + len(sources))
             sources.extend(p.sources)
             local.append(p.local)
-        return Records(sources, np.concatenate(ids), np.concatenate(local))
+        blobs = None
+        if all(p.blobs is not None for p in parts):
+            blobs = {k: np.concatenate([p.blobs[k] for p in parts]) for k in ("image", "depth")}
+        return Records(sources, np.concatenate(ids), np.concatenate(local), blobs)
 
 
 def decode_png_or_jpeg(blob: bytes, what: str) -> np.ndarray:
@@ -72,7 +85,7 @@ class EncodedFrames:
         return len(self.records)
 
     def decode_one(self, i: int) -> np.ndarray:
-        rgb = decode_png_or_jpeg(self.records.get(int(i))["image"], self._names[i])
+        rgb = decode_png_or_jpeg(self.records.bytes_of(int(i), "image"), self._names[i])
         if rgb.shape != self.shape + (3,) or rgb.dtype != np.uint8:
             raise ValueError(f"{self._names[i]}: stored frame has shape {rgb.shape} "
                              f"{rgb.dtype}, expected {self.shape + (3,)} uint8")
@@ -109,7 +122,7 @@ class DepthStore:
         return out
 
     def _map(self, i: int) -> np.ndarray:
-        gray = decode_png_or_jpeg(self.records.get(int(i))["depth"], f"depth of example {i}")
+        gray = decode_png_or_jpeg(self.records.bytes_of(int(i), "depth"), f"depth of example {i}")
         img = Image.fromarray(gray if gray.ndim == 2 else gray[..., 0])
         if img.size != (self.size, self.size):
             img = img.resize((self.size, self.size), Image.BILINEAR)
@@ -186,8 +199,12 @@ def cat_has_map(parts: list[FasData]) -> np.ndarray:
 
 
 def load(name: str, split: str, data_dir: str, config: dict | None = None, *,
-         depth_size: int | None = None) -> FasData:
-    """The built split `split` of dataset `name` (with the same config overrides as its build)."""
+         depth_size: int | None = None, in_memory: bool = True) -> FasData:
+    """The built split `split` of dataset `name` (with the same config overrides as its build).
+
+    depth_size: side of the depth targets (default: the frames' resolution).
+    in_memory: keep the encoded frames in memory (about the dataset's size on disk; decoding then
+      skips the record read); False re-reads each record from the ArrayRecord files."""
     builder = builders.builder(name, data_dir, config)
     if not builder.is_prepared():
         overrides = " ".join(f"--config {k}={v}" for k, v in (config or {}).items())
@@ -195,15 +212,18 @@ def load(name: str, split: str, data_dir: str, config: dict | None = None, *,
             f"{name} (config {builder.builder_config.name}) is not built in {data_dir}; run: "
             f"python -m d2am_jax.data.build {name} --data_dir {data_dir} "
             f"--manual_dir <release folder> {overrides}".rstrip())
-    return from_builder(builder, split, depth_size=depth_size)
+    return from_builder(builder, split, depth_size=depth_size, in_memory=in_memory)
 
 
-def load_directory(path: str, split: str, *, depth_size: int | None = None) -> FasData:
+def load_directory(path: str, split: str, *, depth_size: int | None = None,
+                   in_memory: bool = True) -> FasData:
     """A split of the dataset built in `path` (…/<name>/<config>/<version>)."""
-    return from_builder(tfds.builder_from_directory(path), split, depth_size=depth_size)
+    return from_builder(tfds.builder_from_directory(path), split, depth_size=depth_size,
+                        in_memory=in_memory)
 
 
-def from_builder(builder, split: str, *, depth_size: int | None = None) -> FasData:
+def from_builder(builder, split: str, *, depth_size: int | None = None,
+                 in_memory: bool = True) -> FasData:
     if split not in builder.info.splits:
         raise ValueError(f"{builder.name}: no split {split!r}; it has "
                          f"{sorted(builder.info.splits.keys())}")
@@ -211,7 +231,8 @@ def from_builder(builder, split: str, *, depth_size: int | None = None) -> FasDa
     n = len(source)
     if n == 0:
         raise ValueError(f"{builder.name}/{split} in {builder.data_dir} is empty")
-    meta = {k: [] for k in ("label", "video", "domain", "attack", "frame", "has_depth")}
+    meta = {k: [] for k in ("label", "video", "domain", "attack", "frame", "has_depth", "image",
+                            "depth")}
     for start in range(0, n, _CHUNK):
         for rec in source.__getitems__(range(start, min(n, start + _CHUNK))):
             meta["label"].append(int(rec["label"]))
@@ -220,12 +241,20 @@ def from_builder(builder, split: str, *, depth_size: int | None = None) -> FasDa
             meta["attack"].append(_text(rec["attack"]))
             meta["frame"].append(int(rec["frame"]))
             meta["has_depth"].append(len(rec["depth"]) > 0)
+            if in_memory:
+                meta["image"].append(rec["image"])
+                meta["depth"].append(rec["depth"])
     labels = np.asarray(meta["label"], np.int32)
     bad = sorted(set(labels.tolist()) - {0, 1})
     if bad:
         raise ValueError(f"{builder.name}/{split}: labels {bad} outside {{0 spoof, 1 live}}")
-    records = Records([source], np.zeros(n, np.int32), np.arange(n))
-    first = decode_png_or_jpeg(source[0]["image"], f"{builder.name}/{split}[0]")
+    blobs = None
+    if in_memory:
+        blobs = {k: np.empty(n, object) for k in ("image", "depth")}
+        for k in blobs:
+            blobs[k][:] = meta[k]
+    records = Records([source], np.zeros(n, np.int32), np.arange(n), blobs)
+    first = decode_png_or_jpeg(records.bytes_of(0, "image"), f"{builder.name}/{split}[0]")
     video = np.asarray([f"{builder.name}:{v}" for v in meta["video"]])
     names = np.asarray([f"{v}#{f}" for v, f in zip(video, meta["frame"])])
     report = builders.read_report(builder.data_dir) or {}

@@ -98,10 +98,12 @@ def synthetic(source: list[int], target: list[int]) -> Protocol:
 
 
 def load(protocol: Protocol, data_dir: str, configs: dict[str, dict] | None = None, *,
-         depth_size: int | None = None) -> tuple[loader.FasData, loader.FasData]:
+         depth_size: int | None = None,
+         in_memory: bool = True) -> tuple[loader.FasData, loader.FasData]:
     """(pooled source, target) of a protocol from datasets built in data_dir.
 
-    configs: per dataset name, the config overrides it was built with. Fails before training if
+    configs: per dataset name, the config overrides it was built with. depth_size, in_memory:
+    as in loader.load. Fails before training if
     a requested domain is absent, or the source or the target lacks live or spoof examples.
     """
     cache: dict[tuple[str, str], loader.FasData] = {}
@@ -112,7 +114,8 @@ def load(protocol: Protocol, data_dir: str, configs: dict[str, dict] | None = No
             key = (part.dataset, split)
             if key not in cache:
                 cache[key] = loader.load(part.dataset, split, data_dir,
-                                         (configs or {}).get(part.dataset), depth_size=depth_size)
+                                         (configs or {}).get(part.dataset), depth_size=depth_size,
+                                         in_memory=in_memory)
             pieces.append(cache[key])
         data = loader.FasData.concat(pieces)
         if not part.domains:

@@ -166,7 +166,8 @@ def encode_image(rgb: np.ndarray, fmt: str, quality: int = 95) -> bytes:
     buf = io.BytesIO()
     img = Image.fromarray(np.ascontiguousarray(rgb))
     if fmt == "png":
-        img.save(buf, format="PNG")
+        # Level 1 encodes ~1.5x faster than PIL's default 6 for ~2% more bytes on FAS frames.
+        img.save(buf, format="PNG", compress_level=1)
     elif fmt == "jpeg":
         img.save(buf, format="JPEG", quality=int(quality))
     else:

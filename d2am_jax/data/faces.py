@@ -52,7 +52,8 @@ def detect_face(rgb: np.ndarray) -> tuple[int, int, int, int] | None:
     return tuple(int(round(v / scale)) for v in (x, y, bw, bh))
 
 
-def box_from_eyes(left: tuple[float, float], right: tuple[float, float]) -> tuple[int, int, int, int]:
+def box_from_eyes(left: tuple[float, float],
+                  right: tuple[float, float]) -> tuple[int, int, int, int]:
     """A detector-like square face box from two eye centres (OULU-NPU's annotations).
 
     Assumption, from average face proportions: a Haar/MTCNN face box is about 2.2 interocular

@@ -74,7 +74,8 @@ def decode_png_or_jpeg(blob: bytes, what: str) -> np.ndarray:
 
 
 class EncodedFrames:
-    """The frames of a FasData: `decode_one(i)` → uint8 [H, W, 3]; `frames[idx]` → [n, H, W, 3]."""
+    """The frames of a FasData: `decode_one(i)` → uint8 [H, W, 3]; `frames[idx]` → [n, H, W, 3].
+    """
 
     def __init__(self, records: Records, shape: tuple[int, int], names: np.ndarray):
         self.records = records

@@ -1,5 +1,5 @@
-"""Cross-domain protocols as data: which built datasets/splits/domains form the pooled source and
-which the unseen target (O&C&I→M, O&C&M→I, O&M&I→C, I&C&M→O, M&I→C, M&I→O, or any domain lists).
+"""Cross-domain protocols as data: which built datasets/splits/domains form the pooled source
+and which the unseen target (O&C&I→M, O&C&M→I, O&M&I→C, I&C&M→O, M&I→C, M&I→O, or domain lists).
 
 The source is one mixed pool; its domain strings are kept for analysis and the 'w/ d' ablation.
 

@@ -73,7 +73,7 @@ face-locations/scene01/real/<name>.face or face-locations/real/<name>.face; line
 
 def face_file(root: str, path: str, vid: str) -> str:
     """The video's .face file: beside it, under face-locations/scene01/…, or under
-    face-locations/<real|attack>/… (the layout bob.db.msu_mfsd_mod uses); the first that exists."""
+    face-locations/<real|attack>/… (bob.db.msu_mfsd_mod's layout); the first that exists."""
     rel = vid.split("/")
     candidates = [os.path.splitext(path)[0] + ".face",
                   os.path.join(root, FACE_FOLDER, *rel) + ".face",

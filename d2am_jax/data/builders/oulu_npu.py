@@ -39,7 +39,8 @@ class OuluNpu(VideoBuilder):
     MARKERS = ("Train_files", "Test_files")
     HAS_ANNOTATIONS = True
     MANUAL_DOWNLOAD_INSTRUCTIONS = """\
-OULU-NPU is licensed: request it from the University of Oulu (https://sites.google.com/site/oulunpudatabase/).
+OULU-NPU is licensed: request it from the University of Oulu
+(https://sites.google.com/site/oulunpudatabase/).
 Unpack Train_files.zip, Dev_files.zip (optional, not used) and Test_files.zip so that manual_dir
 (or one folder inside it) holds:
   Train_files/1_1_01_1.avi, Train_files/1_1_01_1.txt, ...

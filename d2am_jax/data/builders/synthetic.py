@@ -45,7 +45,8 @@ class FasSynthetic(FasBuilder):
         gen_config = synthetic.SyntheticConfig(
             resolution=cfg.resolution, num_domains=cfg.num_domains, per_domain=cfg.per_domain,
             frames_per_video=cfg.frames_per_video, seed=cfg.seed)
-        return {domain_split(d): self._counted(domain_split(d), self._domain(synthetic, gen_config, d))
+        return {domain_split(d): self._counted(domain_split(d),
+                                               self._domain(synthetic, gen_config, d))
                 for d in range(cfg.num_domains)}
 
     def _domain(self, synthetic, gen_config, d: int):

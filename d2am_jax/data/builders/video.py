@@ -61,7 +61,7 @@ class VideoItem:
     """One video of a release: where it is and what it is."""
 
     path: str                  # absolute path of the video file
-    video_id: str              # release-relative path without extension, e.g. 'Train_files/1_1_01_1'
+    video_id: str              # release-relative, no extension: 'Train_files/1_1_01_1'
     split: str                 # 'train' or 'test'
     label: int                 # 1 live, 0 spoof
     attack: str                # attack type, '' for live

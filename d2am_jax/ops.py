@@ -1,0 +1,54 @@
+"""Convolution with a GEMM-based backward pass: the same maths as `lax.conv`, faster on XLA:CPU.
+
+XLA:CPU lowers the gradients of a 3×3 convolution to slow generic kernels (see BENCHMARKS.md); here
+the input gradient is a forward convolution with the flipped kernel and the kernel gradient is nine
+per-tap matrix products, both of which XLA runs at GEMM speed. Only first derivatives pass through E.
+"""
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+_DIMS = ("NHWC", "HWIO", "NHWC")
+
+
+def conv_same(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """Stride-1 SAME convolution, NHWC × HWIO → NHWC (XLA's own derivatives)."""
+    return lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=_DIMS)
+
+
+def _kernel_grad(x: jax.Array, g: jax.Array, kh: int, kw: int) -> jax.Array:
+    """∂L/∂W[i, j] = Σ_nhw x_pad[n, h+i, w+j, :]ᵀ g[n, h, w, :], one GEMM per tap."""
+    n, h, w, cin = x.shape
+    ph, pw = (kh - 1) // 2, (kw - 1) // 2
+    xp = jnp.pad(x, ((0, 0), (ph, kh - 1 - ph), (pw, kw - 1 - pw), (0, 0)))
+    taps = []
+    for i in range(kh):
+        for j in range(kw):
+            xs = lax.slice(xp, (0, i, j, 0), (n, i + h, j + w, cin))
+            taps.append(jnp.einsum("nhwc,nhwd->cd", xs, g, preferred_element_type=g.dtype))
+    return jnp.stack(taps).reshape(kh, kw, cin, g.shape[-1])
+
+
+@jax.custom_vjp
+def conv_same_fast(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """`conv_same` whose backward is expressed as forward convolutions and GEMMs."""
+    return conv_same(x, kernel)
+
+
+def _fwd(x, kernel):
+    return conv_same(x, kernel), (x, kernel)
+
+
+def _bwd(res, g):
+    x, kernel = res
+    kh, kw = kernel.shape[:2]
+    if kh % 2 == 0 or kw % 2 == 0:
+        raise ValueError(f"conv_same_fast: odd kernel sizes only, got {kernel.shape[:2]}")
+    # Input gradient of a stride-1 SAME conv = SAME conv of g with the flipped, I/O-swapped kernel.
+    flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
+    dx = conv_same(g, flipped)
+    return dx, _kernel_grad(x, g, kh, kw)
+
+
+conv_same_fast.defvjp(_fwd, _bwd)

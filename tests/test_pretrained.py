@@ -65,8 +65,11 @@ class _TorchPickler(pickle._Pickler):
 
 def write_torch_zip(path, tensors, storages):
     """tensors: name → _Tensor; storages: the _Storage objects they use."""
+    state_dict = collections.OrderedDict(tensors)
+    # torch's state_dict() carries per-module versions as an attribute (pickled with BUILD).
+    state_dict._metadata = collections.OrderedDict({"": {"version": 1}, "bn1": {"version": 2}})
     buf = io.BytesIO()
-    _TorchPickler(buf, protocol=2).dump(collections.OrderedDict(tensors))
+    _TorchPickler(buf, protocol=2).dump(state_dict)
     with zipfile.ZipFile(path, "w") as zf:
         zf.writestr("archive/data.pkl", buf.getvalue())
         zf.writestr("archive/byteorder", "little")
@@ -228,6 +231,19 @@ def test_features_shape_finite_and_independent_of_batch(lite0):
     assert lite0.features(np.zeros((0, 64, 64, 3), np.uint8)).shape == (0, lite0.feature_dim)
 
 
+@pytest.mark.parametrize("size,kernel,stride", [(8, 3, 2), (7, 5, 1)])
+def test_depthwise_shifted_sum_equals_grouped_conv(size, kernel, stride):
+    rng = np.random.default_rng(size)
+    x = rng.normal(size=(2, size, size, 6)).astype(np.float32)
+    variables = {"params": {"kernel": rng.normal(size=(kernel, kernel, 1, 6)).astype(np.float32)}}
+    conv = pretrained._DepthwiseConv(kernel, stride, impl="conv")
+    shifted = pretrained._DepthwiseConv(kernel, stride, impl="shifted")
+    want = np.asarray(jax.jit(conv.apply)(variables, x))
+    got = np.asarray(jax.jit(shifted.apply)(variables, x))
+    assert got.shape == want.shape == (2, -(-size // stride), -(-size // stride), 6)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_instance_stats_hand_computed():
     f = np.array([1.0, 3.0, 5.0, 7.0], np.float32).reshape(1, 2, 2, 1)   # μ 4, var 5
     g = np.stack([np.full((2, 2), 2.0), np.array([[0.0, 0.0], [0.0, 4.0]])], -1)[None]  # μ 2, 1; var 0, 3
@@ -291,6 +307,8 @@ def test_missing_file_unknown_arch_and_layer(tmp_path):
         pretrained.load_feature_extractor("resnet50")
     with pytest.raises(ValueError, match=r"unknown feature layer.*layer9"):
         pretrained.load_feature_extractor(layers=("stage2", "layer9"))
+    with pytest.raises(ValueError, match="sequence of layer names"):
+        pretrained.load_feature_extractor(layers="stage2")
 
 
 def test_wrong_architecture_names_the_first_mismatch(resnet50_file):

@@ -350,3 +350,16 @@ def test_bad_input_errors():
         dm.domain_labels("oracle", is_live=live, k=3, seed=0, epoch=0)
     with pytest.raises(ValueError, match="k_range: K=6 needs more than 6 samples"):
         dm.choose_k(bank[:6], range(2, 7), seed=0)
+
+
+def test_standardized_keeps_constant_features_at_zero():
+    rng = np.random.default_rng(0)
+    bank = np.column_stack([rng.normal(3.0, 2.0, 50), np.full(50, 1e6 + 0.1), np.zeros(50)])
+    bank = bank.astype(np.float32)
+    x = dm.standardized(bank)
+    assert x.dtype == np.float64
+    np.testing.assert_allclose(x[:, 0].mean(), 0.0, atol=1e-12)
+    np.testing.assert_allclose(x[:, 0].std(), 1.0)
+    np.testing.assert_array_equal(x[:, 1:], 0.0)
+    first = bank[:, 0].astype(np.float64)
+    np.testing.assert_allclose(x[:, 0], (first - first.mean()) / first.std(), rtol=1e-10)

@@ -1,6 +1,7 @@
 """The four video builders, the synthetic builder, the loader and the build CLI, on tiny fake
 releases written inside the tests (MJPG .avi; a public-domain face from scikit-image for Haar)."""
 
+import concurrent.futures
 import json
 import os
 import sys
@@ -132,6 +133,22 @@ def test_crop_face_pads_outside_the_frame_and_keeps_the_box():
     edge = faces.crop_face(rgb, (-10, -10, 20, 20), margin=0.0, size=10)  # replicated border
     assert edge.shape == (10, 10, 3) and edge.max() == 0
 
+
+def test_detect_face_gives_the_same_answers_on_threads():
+    rng = np.random.default_rng(1)
+    frames = []
+    for i in range(8):
+        frame = np.full((FRAME_H, FRAME_W, 3), GRAY, np.uint8)
+        if i % 2:
+            frame = rng.integers(0, 256, frame.shape, dtype=np.uint8)
+        else:
+            frame[15:95, 30 + i:110 + i] = cv2.resize(FACE, (80, 80))
+        frames.append(frame)
+    serial = [faces.detect_face(f) for f in frames]
+    assert [b is None for b in serial] == [False, True] * 4
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        for _ in range(3):
+            assert list(pool.map(faces.detect_face, frames * 2)) == serial * 2
 
 def test_read_video_frames_and_unreadable_video(tmp_path):
     path = write_video(str(tmp_path / "v.avi"), "square", n_frames=5)

@@ -6,9 +6,9 @@ Host-only (numpy, OpenCV, PIL). Boxes are (x, y, w, h) in pixels of the frame th
 
 from __future__ import annotations
 
-import functools
 import io
 import os
+import threading
 
 import cv2
 import numpy as np
@@ -25,13 +25,19 @@ class BadItem(ValueError):
     """An input file (video, image, annotation, manifest row) that cannot become examples."""
 
 
-@functools.lru_cache(maxsize=1)
+_local = threading.local()
+
+
 def haar_detector() -> cv2.CascadeClassifier:
-    """OpenCV's frontal-face Haar cascade, shipped inside opencv-python-headless."""
-    path = os.path.join(cv2.data.haarcascades, "haarcascade_frontalface_default.xml")
-    cascade = cv2.CascadeClassifier(path)
-    if cascade.empty():
-        raise RuntimeError(f"could not load the Haar cascade from {path}")
+    """OpenCV's frontal-face Haar cascade (shipped inside opencv-python-headless), one per
+    thread: a CascadeClassifier shared by threads gives wrong detections."""
+    cascade = getattr(_local, "cascade", None)
+    if cascade is None:
+        path = os.path.join(cv2.data.haarcascades, "haarcascade_frontalface_default.xml")
+        cascade = cv2.CascadeClassifier(path)
+        if cascade.empty():
+            raise RuntimeError(f"could not load the Haar cascade from {path}")
+        _local.cascade = cascade
     return cascade
 
 

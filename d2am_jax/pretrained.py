@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-# --------------------------------------------------------------------------- torch checkpoint reader
+# ---------------------------------------------------------------- torch checkpoint reader
 
 # torch's legacy serialisation starts with this magic number, then protocol 1001 and sys_info.
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
@@ -206,7 +206,8 @@ def _load_legacy(path: str) -> Any:
                              f"torch.save stream; first pickled value is {magic!r:.60})")
         protocol = RestrictedUnpickler(f, path).load()
         if protocol != _LEGACY_PROTOCOL:
-            raise ValueError(f"{path}: legacy torch protocol {protocol}, expected {_LEGACY_PROTOCOL}")
+            raise ValueError(f"{path}: legacy torch protocol {protocol}, "
+                             f"expected {_LEGACY_PROTOCOL}")
         sys_info = RestrictedUnpickler(f, path).load()
         big_endian = not sys_info.get("little_endian", True)
         unpickler = RestrictedUnpickler(f, path)
@@ -264,7 +265,7 @@ def _is_state_dict(obj) -> bool:
             and all(isinstance(k, str) and isinstance(v, np.ndarray) for k, v in obj.items()))
 
 
-# --------------------------------------------------------------------------- architectures
+# ---------------------------------------------------------------- architectures
 # Module names mirror the torch names ('_blocks_3' ↔ '_blocks.3', 'layer1_0' ↔ 'layer1.0') so the
 # weight conversion is mechanical; see `_torch_key`.
 
@@ -514,7 +515,7 @@ ARCHITECTURES: dict[str, _Arch] = {
 }
 
 
-# --------------------------------------------------------------------------- weight conversion
+# ---------------------------------------------------------------- weight conversion
 
 def _torch_key(path: Sequence[str]) -> str:
     """flax variable path (without collection) → torch state-dict key."""
@@ -603,7 +604,7 @@ def default_checkpoint_path(arch: str) -> str:
     return os.path.join(os.path.dirname(spec.origin), "models", "efficientnet-lite0-57934424.pth")
 
 
-# --------------------------------------------------------------------------- instance statistics
+# ---------------------------------------------------------------- instance statistics
 
 def instance_stats(feature_maps: Iterable[jax.Array], eps: float) -> jax.Array:
     """df(x) = [μ(F_1), σ(F_1), …, μ(F_M), σ(F_M)] per image (paper Eq. 2–3), float32 [n, d].
@@ -633,7 +634,8 @@ def _image_batch(images, who: str) -> np.ndarray:
     return images.astype(np.float32)
 
 
-def center_crop_resize(image: np.ndarray, size: int = 224, crop_fraction: float = 0.875) -> np.ndarray:
+def center_crop_resize(image: np.ndarray, size: int = 224,
+                       crop_fraction: float = 0.875) -> np.ndarray:
     """ImageNet evaluation crop: centre square of `crop_fraction` × the short side, bicubic to size.
 
     0.875 = 224 / (224 + 32), the crop EfficientNet's and torchvision's evaluation use.
@@ -723,8 +725,9 @@ class FeatureExtractor:
         return np.concatenate([np.asarray(o) for o in outputs])[:n]
 
     def classify(self, images) -> np.ndarray:
-        """ImageNet logits [n, 1000] for RGB images already cropped/resized (`center_crop_resize`)."""
-        return np.asarray(self._logits(self.variables, _image_batch(images, f"{self.arch}.classify")))
+        """ImageNet logits [n, 1000] for RGB images already cropped (`center_crop_resize`)."""
+        images = _image_batch(images, f"{self.arch}.classify")
+        return np.asarray(self._logits(self.variables, images))
 
 
 def load_feature_extractor(name: str = "efficientnet_lite0",

@@ -21,7 +21,7 @@ from d2am_jax import pretrained
 CAT_CLASSES = set(range(281, 286))  # tabby, tiger cat, Persian, Siamese, Egyptian cat
 
 
-# ------------------------------------------------------------------ a torch.save (zip) writer
+# ---------------------------------------------------------------- a torch.save (zip) writer
 # Enough of torch's format to write a state dict without torch: protocol-2 pickle in
 # '<name>/data.pkl' naming torch._utils._rebuild_tensor_v2 and torch.<X>Storage, storages as raw
 # little-endian bytes in '<name>/data/<key>'.
@@ -75,7 +75,8 @@ def write_torch_zip(path, tensors, storages):
         zf.writestr("archive/byteorder", "little")
         zf.writestr("archive/version", "3\n")
         for s in storages:
-            zf.writestr(f"archive/data/{s.key}", s.array.astype(s.array.dtype.newbyteorder("<")).tobytes())
+            little = s.array.astype(s.array.dtype.newbyteorder("<"))
+            zf.writestr(f"archive/data/{s.key}", little.tobytes())
 
 
 def save_state_dict(path, state_dict):
@@ -89,7 +90,7 @@ def save_state_dict(path, state_dict):
     write_torch_zip(path, tensors, storages)
 
 
-# ------------------------------------------------------------------ torchvision ResNet, in numpy
+# ---------------------------------------------------------------- torchvision ResNet, in numpy
 
 def torchvision_resnet_state_dict(depth, rng):
     """Random weights under torchvision's ResNet key names and shapes (resnet.py)."""
@@ -97,7 +98,8 @@ def torchvision_resnet_state_dict(depth, rng):
     sd = collections.OrderedDict()
 
     def conv(name, o, i, k):
-        sd[name + ".weight"] = rng.normal(0, np.sqrt(2.0 / (i * k * k)), (o, i, k, k)).astype(np.float32)
+        he = np.sqrt(2.0 / (i * k * k))
+        sd[name + ".weight"] = rng.normal(0, he, (o, i, k, k)).astype(np.float32)
 
     def bn(name, c):
         sd[name + ".weight"] = rng.uniform(0.5, 1.0, c).astype(np.float32)
@@ -132,13 +134,14 @@ def torchvision_resnet_state_dict(depth, rng):
 
 def _np_conv(x, w, stride, pad):
     x = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-    win = np.lib.stride_tricks.sliding_window_view(x, w.shape[2:], axis=(1, 2))[:, ::stride, ::stride]
+    win = np.lib.stride_tricks.sliding_window_view(x, w.shape[2:], axis=(1, 2))
+    win = win[:, ::stride, ::stride]
     return np.einsum("nhwcij,ocij->nhwo", win, w.astype(np.float64), optimize=True)
 
 
 def _np_bn(x, sd, p):
-    return ((x - sd[p + ".running_mean"]) / np.sqrt(sd[p + ".running_var"].astype(np.float64) + 1e-5)
-            * sd[p + ".weight"] + sd[p + ".bias"])
+    std = np.sqrt(sd[p + ".running_var"].astype(np.float64) + 1e-5)
+    return (x - sd[p + ".running_mean"]) / std * sd[p + ".weight"] + sd[p + ".bias"]
 
 
 def numpy_resnet(sd, x, depth):
@@ -148,7 +151,8 @@ def numpy_resnet(sd, x, depth):
     maps = {}
     x = maps["stem"] = relu(_np_bn(_np_conv(x, sd["conv1.weight"], 2, 3), sd, "bn1"))
     x = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-np.inf)
-    x = np.lib.stride_tricks.sliding_window_view(x, (3, 3), axis=(1, 2))[:, ::2, ::2].max(axis=(-2, -1))
+    x = np.lib.stride_tricks.sliding_window_view(x, (3, 3), axis=(1, 2))[:, ::2, ::2]
+    x = x.max(axis=(-2, -1))
     for layer, n in enumerate(blocks, 1):
         for j in range(n):
             p, s = f"layer{layer}.{j}", 2 if layer > 1 and j == 0 else 1
@@ -160,7 +164,8 @@ def numpy_resnet(sd, x, depth):
                 y = relu(_np_bn(_np_conv(x, sd[p + ".conv1.weight"], s, 1), sd, p + ".bn1"))
                 y = _np_bn(_np_conv(y, sd[p + ".conv2.weight"], 1, 1), sd, p + ".bn2")
             if p + ".downsample.0.weight" in sd:
-                x = _np_bn(_np_conv(x, sd[p + ".downsample.0.weight"], s, 0), sd, p + ".downsample.1")
+                x = _np_bn(_np_conv(x, sd[p + ".downsample.0.weight"], s, 0), sd,
+                           p + ".downsample.1")
             x = relu(y + x)
         maps[f"layer{layer}"] = x
     logits = x.mean(axis=(1, 2)) @ sd["fc.weight"].T.astype(np.float64) + sd["fc.bias"]
@@ -168,7 +173,8 @@ def numpy_resnet(sd, x, depth):
 
 
 def _np_stats(maps, eps):
-    return np.concatenate([np.concatenate([m.mean(axis=(1, 2)), np.sqrt(m.var(axis=(1, 2)) + eps)], -1)
+    return np.concatenate([np.concatenate([m.mean(axis=(1, 2)),
+                                           np.sqrt(m.var(axis=(1, 2)) + eps)], -1)
                            for m in maps], -1)
 
 
@@ -176,7 +182,7 @@ def _n_trainable(sd):
     return sum(v.size for k, v in sd.items() if "running" not in k and "num_batches" not in k)
 
 
-# ------------------------------------------------------------------ fixtures
+# ---------------------------------------------------------------- fixtures
 
 @pytest.fixture(scope="module")
 def lite0():
@@ -199,7 +205,7 @@ def resnet50_file(tmp_path_factory):
     return path, sd
 
 
-# ------------------------------------------------------------------ EfficientNet-Lite0, real weights
+# ---------------------------------------------------------------- EfficientNet-Lite0, real weights
 
 def test_chelsea_is_classified_as_a_cat(lite0):
     image = pretrained.center_crop_resize(data.chelsea(), size=224)
@@ -246,7 +252,8 @@ def test_depthwise_shifted_sum_equals_grouped_conv(size, kernel, stride):
 
 def test_instance_stats_hand_computed():
     f = np.array([1.0, 3.0, 5.0, 7.0], np.float32).reshape(1, 2, 2, 1)   # μ 4, var 5
-    g = np.stack([np.full((2, 2), 2.0), np.array([[0.0, 0.0], [0.0, 4.0]])], -1)[None]  # μ 2, 1; var 0, 3
+    # channel 0: μ 2, var 0; channel 1: μ 1, var 3
+    g = np.stack([np.full((2, 2), 2.0), np.array([[0.0, 0.0], [0.0, 4.0]])], -1)[None]
     out = np.asarray(pretrained.instance_stats([f, g.astype(np.float32)], eps=1.0))
     np.testing.assert_allclose(out, [[4.0, np.sqrt(6.0), 2.0, 1.0, 1.0, 2.0]], rtol=1e-6)
 
@@ -258,7 +265,7 @@ def test_bad_images_are_refused(lite0):
         lite0.features(np.full((1, 8, 8, 3), 200.0, np.float32))
 
 
-# ------------------------------------------------------------------ torch file reading
+# ---------------------------------------------------------------- torch file reading
 
 def test_zip_reader_honours_offset_and_strides(tmp_path):
     base = _Storage("0", np.arange(12, dtype=np.float32))
@@ -292,7 +299,8 @@ def test_unpickler_refuses_foreign_globals(tmp_path):
     with zipfile.ZipFile(zipped, "w") as zf:
         zf.writestr("archive/data.pkl", payload)
     for path in (legacy, zipped):
-        with pytest.raises(pickle.UnpicklingError, match=r"refusing to load global '(os|posix)\.system'"):
+        with pytest.raises(pickle.UnpicklingError,
+                           match=r"refusing to load global '(os|posix)\.system'"):
             pretrained.load_torch_checkpoint(path)
     assert not marker.exists()
 
@@ -324,18 +332,20 @@ def test_wrong_architecture_names_the_first_mismatch(resnet50_file):
 def test_missing_weight_is_named(tmp_path, resnet18_file):
     _, sd = resnet18_file
     partial = {k: v for k, v in sd.items() if k != "layer3.1.bn2.running_var"}
-    with pytest.raises(ValueError, match=r"first 'layer3\.1\.bn2\.running_var' \(expected shape \(256,\)\)"):
+    with pytest.raises(ValueError,
+                       match=r"first 'layer3\.1\.bn2\.running_var' \(expected shape \(256,\)\)"):
         pretrained.convert_state_dict(partial, "resnet18")
 
 
-# ------------------------------------------------------------------ ResNet conversion
+# ---------------------------------------------------------------- ResNet conversion
 
 def test_resnet18_matches_numpy_torchvision(resnet18_file):
     path, sd = resnet18_file
     assert _n_trainable(sd) == 11_689_512  # torchvision resnet18's parameter count
     fe = pretrained.load_feature_extractor("resnet18", checkpoint_path=path,
                                            layers=("stem", "layer1", "layer2", "layer3"))
-    images = np.random.default_rng(2).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)  # even: SAME ≠ torch padding
+    # An even size: there TF's SAME and torch's symmetric padding differ at stride 2.
+    images = np.random.default_rng(2).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
     x = (images / 255.0 - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225]
     maps, logits = numpy_resnet(sd, x, 18)
     expected = _np_stats([maps[k] for k in fe.layers], fe.eps)
@@ -351,7 +361,8 @@ def test_resnet50_every_key_consumed_and_blocks_match_numpy(resnet50_file):
     variables = pretrained.convert_state_dict(pretrained.load_state_dict(path), "resnet50")
     leaves = jax.tree_util.tree_leaves(variables)
     kept = {k: v for k, v in sd.items() if "num_batches" not in k}
-    assert len(leaves) == len(kept) and sum(l.size for l in leaves) == sum(v.size for v in kept.values())
+    assert len(leaves) == len(kept)
+    assert sum(leaf.size for leaf in leaves) == sum(v.size for v in kept.values())
     np.testing.assert_array_equal(variables["params"]["layer2_0"]["conv2"]["kernel"],
                                   sd["layer2.0.conv2.weight"].transpose(2, 3, 1, 0))
     np.testing.assert_array_equal(variables["params"]["fc"]["kernel"], sd["fc.weight"].T)

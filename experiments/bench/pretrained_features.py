@@ -33,7 +33,8 @@ def measure(extractor, size: int, batch_size: int, batches: int, seed: int = 0) 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", default="efficientnet_lite0", choices=sorted(pretrained.ARCHITECTURES))
+    parser.add_argument("--arch", default="efficientnet_lite0",
+                        choices=sorted(pretrained.ARCHITECTURES))
     parser.add_argument("--checkpoint", default=None, help="torch state dict (ResNets need one)")
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--batch-size", type=int, default=64)

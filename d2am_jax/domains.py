@@ -430,10 +430,7 @@ def _aligned_to_previous(clusters: np.ndarray, previous: np.ndarray, k: int) -> 
 
 
 def _centroids(x: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
-    counts = np.bincount(labels, minlength=k)
-    sums = np.zeros((k, x.shape[1]))
-    np.add.at(sums, labels, x)
-    return sums / counts[:, None]
+    return np.stack([x[labels == cluster].mean(axis=0) for cluster in range(k)])
 
 
 def _aligned_to_centroids(
@@ -804,6 +801,7 @@ def domain_mmd2(
     do not dominate and the cost stays O(sample_size²). A pair with a domain of fewer than 2 rows
     has no unbiased estimate: NaN in the matrix, left out of the mean (None if no pair remains).
     """
+    sample_size = _checked_positive_int(sample_size, "mmd sample_size")
     labels = np.asarray(labels)
     domains = np.unique(labels)
     per_domain = max(2, sample_size // max(1, domains.size))

@@ -1,0 +1,179 @@
+"""The stats pass: a jitted, forward-only run of the feature extractor E over the whole source set,
+returning each sample's DRLM attention and F⁻ instance statistics (Eq. 2–4, 6) as host arrays.
+
+Algorithm 1 line 4: these statistics give df(x) and the bank that `domains.assign` clusters. One
+compile per run: every batch has the same shape (the last one is zero-padded, its padded rows are
+dropped on the host), and only the small [B, C] arrays come back, never feature maps.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Iterator, Mapping
+
+import jax
+import numpy as np
+
+from d2am_jax import domains, models
+from d2am_jax.data.color import rgb_to_model_input
+
+# What domains.domain_features reads from each DRLM; p_logit (for L_p) is not needed here.
+STATS_KEYS = ("attention", "mean", "std")
+
+DrlmStats = list[dict[str, np.ndarray]]
+
+
+def make_stats_pass(config, batch_size: int) -> Callable[..., DrlmStats]:
+    """`stats_pass(params_E, batch_stats_E, source) -> [3 × {'attention','mean','std'}]`, numpy [n, C_j].
+
+    E runs in evaluation mode: BatchNorm normalizes with the running statistics the outer step
+    accumulates, not with the batch's own, so each sample's statistics are the network's
+    deterministic view of that sample alone — independent of its batch neighbours and of padding.
+
+    `source` is either
+      * a frame store — any object with `__len__` and `__getitem__(idx)` returning uint8
+        [len(idx), H, W, 3] RGB (`InMemoryFrames`, `CachedFrames`, a uint8 numpy array); it is read
+        in index order, batch_size frames at a time, through `data.color.rgb_to_model_input`; or
+      * an iterable (list, tuple, generator, iterator) of model-input batches: float arrays
+        [m, H, W, 6], or dicts with 'x' and optionally a boolean 'mask' marking real rows (what
+        `MetaBatchSampler.eval_batches` yields); rows are taken in order, masked-out rows dropped.
+    H = W = config.data.resolution. The result holds one row per sample, in that order.
+
+    The jitted forward is traced once for any number of calls, batches and epochs:
+    `stats_pass.trace_count()` says how often it was.
+    """
+    batch_size = _checked_batch_size(batch_size)
+    E, _, _ = models.build_modules(config.model)
+    resolution = int(config.data.resolution)
+    traces = {"count": 0}
+
+    def forward(params_e, batch_stats_e, x):
+        traces["count"] += 1          # Python side effect: runs once per trace, never per call
+        dtype = jax.tree.leaves(params_e)[0].dtype
+        _, _, drlm = E.apply({"params": params_e, "batch_stats": batch_stats_e}, x.astype(dtype), False)
+        # Only the [B, C] statistics leave the device; XLA drops everything else unused.
+        return [{key: stats[key] for key in STATS_KEYS} for stats in drlm]
+
+    jitted = jax.jit(forward)
+
+    def stats_pass(params_E, batch_stats_E, source) -> DrlmStats:
+        parts: list[DrlmStats] = []
+        pending = None
+        for x, num_real in padded_batches(source, batch_size, resolution):
+            # Dispatch is asynchronous: fetching the previous batch's results while this one runs
+            # lets the host prepare the next batch during the device's work.
+            out = jitted(params_E, batch_stats_E, x)
+            if pending is not None:
+                parts.append(_real_rows(*pending))
+            pending = (out, num_real)
+        if pending is None:
+            raise ValueError("stats pass: the source holds no samples; expected at least one")
+        parts.append(_real_rows(*pending))
+        return [{key: np.concatenate([p[j][key] for p in parts]) for key in STATS_KEYS}
+                for j in range(len(parts[0]))]
+
+    stats_pass.trace_count = lambda: traces["count"]
+    stats_pass.batch_size = batch_size
+    stats_pass.jitted = jitted
+    return stats_pass
+
+
+def compute_bank(stats_fn: Callable[..., DrlmStats], params_E, batch_stats_E, frames,
+                 mode: str = "dataset", fraction: float = 0.5) -> np.ndarray:
+    """The bank [n, d] of df(x) for every sample of `frames` (any source `make_stats_pass` takes).
+
+    mode: 'dataset' | 'sample' | 'none' channel selection of F_d⁻, see `domains.select_channels`.
+    """
+    return domains.domain_features(stats_fn(params_E, batch_stats_E, frames), mode, fraction)
+
+
+def padded_batches(source, batch_size: int, resolution: int) -> Iterator[tuple[np.ndarray, int]]:
+    """(x float32 [batch_size, r, r, 6], number of real rows) in order; padded rows are zeros.
+
+    Rows of an input iterable are regrouped into full batches, so only the very last is padded.
+    """
+    held: list[np.ndarray] = []
+    num_held = 0
+    for x in _model_inputs(source, batch_size, resolution):
+        held.append(x)
+        num_held += len(x)
+        while num_held >= batch_size:
+            rows = np.concatenate(held) if len(held) > 1 else held[0]
+            yield rows[:batch_size], batch_size
+            held, num_held = [rows[batch_size:]], num_held - batch_size
+    if num_held:
+        rows = np.concatenate(held)
+        pad = np.zeros((batch_size - num_held,) + rows.shape[1:], np.float32)
+        yield np.concatenate([rows, pad]), num_held
+
+
+def _model_inputs(source, batch_size: int, resolution: int) -> Iterator[np.ndarray]:
+    """Unpadded float32 model-input arrays [m, r, r, 6] (m ≥ 1) from either kind of source."""
+    if _is_frame_store(source):
+        yield from _frame_store_inputs(source, batch_size, resolution)
+        return
+    if isinstance(source, (str, bytes, Mapping)) or not isinstance(source, Iterable):
+        raise ValueError(
+            f"stats pass: source of type {type(source).__name__} is neither a frame store (__len__ "
+            f"and __getitem__(idx) → uint8 [n, H, W, 3]) nor an iterable of model-input batches"
+        )
+    for i, batch in enumerate(source):
+        x = _checked_input_batch(batch, i, resolution)
+        if len(x):
+            yield x
+
+
+def _is_frame_store(source) -> bool:
+    if isinstance(source, (list, tuple, str, bytes, Mapping)):
+        return False
+    return hasattr(source, "__len__") and hasattr(source, "__getitem__")
+
+
+def _frame_store_inputs(frames, batch_size: int, resolution: int) -> Iterator[np.ndarray]:
+    n = len(frames)
+    expected = f"uint8 [m, {resolution}, {resolution}, 3] RGB (data.resolution={resolution})"
+    for start in range(0, n, batch_size):
+        idx = np.arange(start, min(n, start + batch_size))
+        rgb = np.asarray(frames[idx])
+        if rgb.shape != (len(idx), resolution, resolution, 3) or rgb.dtype != np.uint8:
+            raise ValueError(
+                f"stats pass: frames {idx[0]}–{idx[-1]} came back with shape {rgb.shape} and dtype "
+                f"{rgb.dtype}; expected {expected} with m = {len(idx)}"
+            )
+        yield rgb_to_model_input(rgb)
+
+
+def _checked_input_batch(batch, i: int, resolution: int) -> np.ndarray:
+    """Batch i of an input iterable as float32 [m, r, r, 6], masked-out rows removed."""
+    mask = None
+    if isinstance(batch, Mapping):
+        if "x" not in batch:
+            raise ValueError(f"stats pass: input batch {i} has keys {sorted(batch)}; expected 'x' "
+                             f"(and optionally 'mask')")
+        x, mask = np.asarray(batch["x"]), batch.get("mask")
+    else:
+        x = np.asarray(batch)
+    shape = (resolution, resolution, models.INPUT_CHANNELS)
+    if x.ndim != 4 or x.shape[1:] != shape or not np.issubdtype(x.dtype, np.floating):
+        raise ValueError(
+            f"stats pass: input batch {i} field 'x' has shape {x.shape} and dtype {x.dtype}; "
+            f"expected float [m, {resolution}, {resolution}, {models.INPUT_CHANNELS}] RGB+HSV "
+            f"(data.resolution={resolution})"
+        )
+    if mask is not None:
+        mask = np.asarray(mask)
+        if mask.shape != (len(x),) or mask.dtype != np.bool_:
+            raise ValueError(f"stats pass: input batch {i} field 'mask' has shape {mask.shape} and "
+                             f"dtype {mask.dtype}; expected bool [{len(x)}]")
+        x = x[mask]
+    return x.astype(np.float32, copy=False)
+
+
+def _real_rows(out: Any, num_real: int) -> DrlmStats:
+    host = jax.device_get(out)
+    return [{key: np.asarray(stats[key][:num_real]) for key in STATS_KEYS} for stats in host]
+
+
+def _checked_batch_size(batch_size) -> int:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"stats pass: batch_size must be an integer ≥ 1, got {batch_size!r}")
+    return int(batch_size)

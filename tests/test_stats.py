@@ -1,4 +1,4 @@
-"""The stats pass: traced once, padding-invariant, the same numbers as an un-jitted E.apply, errors."""
+"""The stats pass: traced once, padding-invariant, equal to an un-jitted E.apply; bad input."""
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +30,8 @@ def trained_variables(config, seed):
     var 1), so that evaluation-mode normalization is not the identity. Drawn with numpy: compiling
     jax's threefry for every parameter would cost the test tens of seconds here."""
     E, _, _ = models.build_modules(config.model)
-    shapes = jax.eval_shape(lambda x: E.init(jax.random.key(0), x, True), jnp.zeros((1, RES, RES, 6)))
+    x = jnp.zeros((1, RES, RES, 6))
+    shapes = jax.eval_shape(lambda x: E.init(jax.random.key(0), x, True), x)
     rng = np.random.default_rng(seed)
 
     def param(path, leaf):
@@ -97,10 +98,20 @@ def test_padding_does_not_change_real_samples(setup):
                        [{k: s[k][2:4] for k in s} for s in full])
 
 
+def test_micro_batches_change_no_number(setup):
+    config, stats_pass, params, batch_stats = setup
+    assert stats_pass.micro_batch == B  # the largest divisor of 4 that is ≤ MAX_MICRO_BATCH
+    assert stats.make_stats_pass(config, 12).micro_batch == 6
+    frames = random_frames(7, 8)
+    in_pairs = stats.make_stats_pass(config, B, micro_batch=2)
+    assert_stats_close(in_pairs(params, batch_stats, frames),
+                       stats_pass(params, batch_stats, frames))
+
+
 def test_traced_once_across_calls_data_and_params(setup):
     config, _, params, batch_stats = setup
     stats_pass = stats.make_stats_pass(config, B)
-    stats_pass(params, batch_stats, InMemoryFrames(random_frames(9, 3)))   # 3 batches, 3 padded rows
+    stats_pass(params, batch_stats, InMemoryFrames(random_frames(9, 3)))   # 3 batches, 3 pad rows
     stats_pass(params, batch_stats, random_frames(4, 4))                   # exactly one batch
     new_params = jax.tree.map(lambda p: p * 1.01, params)                  # a later epoch's E
     stats_pass(new_params, batch_stats, random_frames(5, 5))
@@ -157,3 +168,9 @@ def test_bad_input_names_what_was_expected(setup, source, message):
 def test_bad_batch_size(batch_size):
     with pytest.raises(ValueError, match="batch_size must be an integer ≥ 1"):
         stats.make_stats_pass(small_config(), batch_size)
+
+
+@pytest.mark.parametrize("micro_batch", [0, 3, 8, 2.0])
+def test_bad_micro_batch(micro_batch):
+    with pytest.raises(ValueError, match="micro_batch must be a divisor of batch_size=4"):
+        stats.make_stats_pass(small_config(), 4, micro_batch)

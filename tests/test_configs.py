@@ -1,0 +1,99 @@
+"""Configs: every file loads locked and passes the train program's checks; overrides by name; a
+misspelled field fails with its name; docstrings hold the exact command."""
+
+import importlib
+import os
+import subprocess
+import sys
+
+import pytest
+
+from d2am_jax import train
+from d2am_jax.configs import default
+from d2am_jax.data.protocols import PAPER_PROTOCOLS
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = ("synthetic", "smoke", "manifest", "protocols")
+
+
+def _module(name):
+    return importlib.import_module(f"d2am_jax.configs.{name}")
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_config_is_locked_valid_and_documented(name):
+    module = _module(name)
+    config = module.get_config()
+    train.check_config(config)
+    with pytest.raises(AttributeError, match="nope"):
+        config.nope = 1
+    with pytest.raises(AttributeError, match="inner_lrr"):
+        config.meta.inner_lrr = 1.0
+    doc = module.__doc__
+    assert f"python -m d2am_jax.main --config d2am_jax/configs/{name}.py" in doc
+    assert "Expected run time" in doc
+
+
+def test_top_level_fields_scripts_rely_on():
+    config = default.get_config()
+    for field in ("method", "domain_labels", "second_order", "num_epochs", "seed"):
+        assert field in config
+    assert config.data.resolution == 256 and config.model.width == 1.0
+
+
+def test_second_order_has_one_value_under_two_names():
+    config = default.get_config()
+    config.second_order = False
+    assert config.meta.second_order is False
+    config.meta.second_order = True
+    assert config.second_order is True
+    resolved = config.copy_and_resolve_references()
+    assert resolved.second_order is True and resolved.meta.second_order is True
+
+
+@pytest.mark.parametrize("protocol", PAPER_PROTOCOLS)
+def test_paper_protocols_at_paper_scale(protocol):
+    config = _module("protocols").get_config(protocol)
+    train.check_config(config)
+    assert config.data.protocol == protocol and config.data.name == "protocol"
+    assert config.data.resolution == 256 and config.model.width == 1.0
+    assert (config.meta.inner_lr, config.meta.outer_lr) == (1e-3, 1e-4)
+    assert (config.meta.lambda_p, config.meta.lambda_m) == (0.1, 0.05)
+    assert config.meta.num_domains == 3
+
+
+def test_unknown_protocol_names_the_choices():
+    with pytest.raises(ValueError, match="OCI_M"):
+        _module("protocols").get_config("XYZ")
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("method", "maml", "config.method"),
+    ("domain_labels", "oracle", "config.domain_labels"),
+    ("num_epochs", 0, "config.num_epochs"),
+])
+def test_bad_values_name_the_field(field, value, match):
+    config = _module("smoke").get_config()
+    config[field] = value
+    with pytest.raises(ValueError, match=match):
+        train.check_config(config)
+
+
+def test_bad_nested_value_names_the_field():
+    config = _module("smoke").get_config()
+    config.eval.threshold_mode = "oracle"
+    with pytest.raises(ValueError, match="config.eval.threshold_mode"):
+        train.check_config(config)
+    config = _module("smoke").get_config()
+    config.data.source_val_fraction = 0.0
+    with pytest.raises(ValueError, match="config.data.source_val_fraction"):
+        train.check_config(config)
+
+
+def test_cli_misspelled_field_fails_with_its_name(tmp_path):
+    cmd = [sys.executable, "-m", "d2am_jax.main", "--config", "d2am_jax/configs/smoke.py",
+           "--workdir", str(tmp_path / "run"), "--config.meta.inner_lrr=0.1"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "inner_lrr" in proc.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()

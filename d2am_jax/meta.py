@@ -35,19 +35,27 @@ def outer_optimizer(meta_config) -> optax.GradientTransformation:
 
 
 def init_state(config, rng: jax.Array, batch_size: int = 2) -> TrainState:
-    """Fresh parameters for E, D and M at the config's resolution, and the outer optimizer state."""
+    """Fresh parameters for E, D and M at the config's resolution, and the outer optimizer state.
+
+    Jitted: run eagerly, flax's init would dispatch (and compile) every primitive one by one.
+    """
     E, D, M = models.build_modules(config.model)
     r = config.data.resolution
-    k_e, k_d, k_m, k_root = jax.random.split(rng, 4)
-    x = jnp.zeros((batch_size, r, r, models.INPUT_CHANNELS), jnp.float32)
-    vars_e = E.init(k_e, x, True)
-    feat, blocks, _ = E.apply(vars_e, x, True, mutable=["batch_stats"])[0]
-    vars_d = D.init(k_d, blocks, True)
-    vars_m = M.init(k_m, feat, True)
-    params = {"E": vars_e["params"], "D": vars_d["params"], "M": vars_m["params"]}
-    batch_stats = {"E": vars_e["batch_stats"], "D": vars_d["batch_stats"], "M": vars_m["batch_stats"]}
-    opt_state = outer_optimizer(config.meta).init(params)
-    return TrainState(jnp.zeros((), jnp.int32), params, batch_stats, opt_state, k_root)
+    tx = outer_optimizer(config.meta)
+
+    @jax.jit
+    def init(rng):
+        k_e, k_d, k_m, k_root = jax.random.split(rng, 4)
+        x = jnp.zeros((batch_size, r, r, models.INPUT_CHANNELS), jnp.float32)
+        vars_e = E.init(k_e, x, True)
+        feat, blocks, _ = E.apply(vars_e, x, True, mutable=["batch_stats"])[0]
+        vars_d = D.init(k_d, blocks, True)
+        vars_m = M.init(k_m, feat, True)
+        params = {"E": vars_e["params"], "D": vars_d["params"], "M": vars_m["params"]}
+        stats = {"E": vars_e["batch_stats"], "D": vars_d["batch_stats"], "M": vars_m["batch_stats"]}
+        return TrainState(jnp.zeros((), jnp.int32), params, stats, tx.init(params), k_root)
+
+    return init(rng)
 
 
 def validate_batch(batch: Batch, config) -> None:
@@ -92,14 +100,14 @@ def stack_domains(meta_train: list[Batch], meta_test: Batch) -> dict[str, np.nda
 
 
 def make_objective(config) -> Callable:
-    """J(params, batch_stats, batch, key, second_order) → (J, aux): the total of Eq. 11–13.
+    """J(params, batch_stats, batch, key, second_order, inner_lr=None) → (J, aux): Eq. 11–13's total.
 
     Terms that do not depend on a module give it no gradient, so ∇J gives exactly Eq. 11 (θ_M),
-    12 (θ_E) and 13 (θ_D).
+    12 (θ_E) and 13 (θ_D). `inner_lr` (α) defaults to the config's; passing it as an array lets a
+    study sweep α without recompiling.
     """
     E, D, M = models.build_modules(config.model)
     mc = config.meta
-    inner_tx = optax.sgd(mc.inner_lr)
     bandwidths = tuple(float(s) for s in mc.mmd_bandwidths)
 
     def m_loss(params_m, stats_m, feat, y, key):
@@ -113,7 +121,8 @@ def make_objective(config) -> Callable:
         acc = jnp.mean((logit > 0) == (y > 0.5))
         return l_cls + mc.lambda_m * l_mmd, (l_cls, l_mmd, acc, new["batch_stats"])
 
-    def objective(params, batch_stats, batch, key, second_order: bool):
+    def objective(params, batch_stats, batch, key, second_order: bool, inner_lr=None):
+        inner_tx = optax.sgd(mc.inner_lr if inner_lr is None else inner_lr)
         x, y, depth = batch["x"], batch["y"], batch["depth"]
         k = x.shape[0]
         dtype = jax.tree.leaves(params["E"])[0].dtype

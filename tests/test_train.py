@@ -1,0 +1,258 @@
+"""The training program end to end on the smoke config: outputs, one compile per jitted part,
+exact resume after SIGKILL mid-epoch, SIGTERM saves and exits, a non-finite loss stops the run and
+keeps the last good checkpoint, the ERM baseline, prediction from the workdir.
+
+XLA compiles are shared through a persistent compilation cache (one fixed folder under the temp
+dir), so the CLI runs after the first reuse its compiled meta-step.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from d2am_jax import checkpointing, meta, predict, train
+from d2am_jax.configs import smoke
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CACHE = os.path.join(tempfile.gettempdir(), "d2am_jax-test-xla-cache")
+# The runs the kill tests compare: 2 epochs × 4 steps, a checkpoint after every step.
+KILL_OVERRIDES = ("--config.steps_per_epoch=4", "--config.checkpoint.every_steps=1",
+                  "--config.checkpoint.keep=3", "--config.progress=False",
+                  f"--config.jax_cache_dir={CACHE}")
+
+
+def smoke_config(**overrides):
+    config = smoke.get_config()
+    config.jax_cache_dir = CACHE
+    config.progress = False
+    for key, value in overrides.items():
+        target = config
+        *parents, leaf = key.split(".")
+        for p in parents:
+            target = target[p]
+        target[leaf] = value
+    return config
+
+
+def _records(workdir, kind=None):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    return [r for r in records if kind is None or r["kind"] == kind]
+
+
+def _results(workdir):
+    with open(os.path.join(workdir, "results.json")) as f:
+        return json.load(f)
+
+
+def _final_state(workdir, config):
+    ckpt = checkpointing.Checkpointer(workdir, 3)
+    restored = ckpt.restore(meta.init_state(config, jax.random.PRNGKey(0)))
+    ckpt.close()
+    return restored
+
+
+def _cli(workdir, *extra):
+    return [sys.executable, "-m", "d2am_jax.main", "--config", "d2am_jax/configs/smoke.py",
+            "--workdir", str(workdir), *KILL_OVERRIDES, *extra]
+
+
+def _wait_for_checkpoint(proc, workdir, min_step, timeout=240):
+    directory = os.path.join(workdir, checkpointing.LATEST_DIR)
+    start = time.time()
+    while time.time() - start < timeout:
+        steps = checkpointing.finalized_steps(directory)
+        if steps and steps[-1] >= min_step:
+            return steps[-1]
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended before checkpoint {min_step}: "
+                                 f"{proc.stderr.read()[-3000:]}")
+        time.sleep(0.01)
+    proc.kill()
+    raise AssertionError(f"no checkpoint {min_step} within {timeout} s")
+
+
+def _strip_timing(records):
+    return [{k: v for k, v in r.items() if k not in ("images_per_s", "seconds")} for r in records]
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("smoke"))
+    summary = train.train_and_evaluate(smoke_config(), workdir)
+    return workdir, summary
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    """An uninterrupted CLI run with the kill tests' settings."""
+    workdir = tmp_path_factory.mktemp("reference")
+    proc = subprocess.run(_cli(workdir), cwd=ROOT, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return str(workdir)
+
+
+def test_smoke_trains_end_to_end(smoke_run):
+    workdir, summary = smoke_run
+    results = _results(workdir)
+    assert [(r["epoch"], r["step"]) for r in results] == [(1, 3), (2, 6)]
+    for r in results:
+        assert set(train.RESULT_KEYS) <= set(r)
+        assert r["threshold_mode"] == "source_val"
+        assert 0.0 <= r["hter"] <= 1.0 and 0.0 <= r["auc"] <= 1.0
+    assert summary["last"] == results[-1] and not summary["preempted"]
+
+    assignments = _records(workdir, "assignment")
+    assert [a["epoch"] for a in assignments] == [1, 2]
+    assert assignments[0]["mode"] == "initial" and assignments[1]["mode"] == "pseudo"
+    for a in assignments:
+        assert len(a["cluster_sizes"]) == 3 and all(live > 0 and spoof > 0
+                                                    for live, spoof in a["cluster_sizes"])
+        assert 0.0 <= a["nmi_true_domain"] <= 1.0 and a["nmi_previous"] is not None
+    steps = _records(workdir, "train")
+    assert [s["step"] for s in steps] == [1, 2, 3, 4, 5, 6]
+    for s in steps:
+        assert s["images_per_s"] > 0 and np.isfinite(s["loss/total"])
+        assert "loss/cls_meta_test" in s and "grad_norm/E" in s
+    assert len(_records(workdir, "eval")) == 2
+
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(
+        os.path.join(workdir, "tb")))
+    with open(os.path.join(workdir, "config.json")) as f:
+        saved = json.load(f)
+    assert saved["data"]["resolution"] == 16 and saved["method"] == "d2am"
+    # One compile per run: meta-step, stats pass (epoch 2) and prediction each traced once.
+    assert summary["trace_counts"] == {"train_step": 1, "stats_pass": 1, "predict": 1}
+
+    restored = _final_state(workdir, smoke_config())
+    assert restored.step == 6 and restored.meta["epoch"] == 2
+    assert restored.meta["step_in_epoch"] == 0 and restored.pseudo_domain.shape == (len(
+        restored.pseudo_domain),)
+    initial = meta.init_state(smoke_config(), jax.random.PRNGKey(smoke_config().seed))
+    moved = jax.tree.leaves(jax.tree.map(lambda a, b: not np.array_equal(a, b),
+                                         restored.state.params, initial.params))
+    assert any(moved)
+
+
+def test_rerun_of_a_finished_workdir_trains_nothing_more(smoke_run):
+    workdir, summary = smoke_run
+    again = train.train_and_evaluate(smoke_config(), workdir)
+    assert again["global_step"] == 6 and again["results"] == summary["results"]
+    assert _results(workdir) == summary["results"]
+
+
+def test_resume_with_a_changed_config_fails_naming_fields(smoke_run):
+    workdir, _ = smoke_run
+    with pytest.raises(ValueError, match="meta.inner_lr"):
+        train.train_and_evaluate(smoke_config(**{"meta.inner_lr": 0.5}), workdir)
+
+
+def test_sigkill_mid_epoch_then_resume_is_bit_identical(reference_run, tmp_path):
+    workdir = tmp_path / "killed"
+    proc = subprocess.Popen(_cli(workdir), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    _wait_for_checkpoint(proc, str(workdir), 2)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    config = smoke_config(steps_per_epoch=4)
+    killed_at = _final_state(str(workdir), config)
+    assert killed_at.meta["step_in_epoch"] > 0, "the kill should land inside an epoch"
+    assert killed_at.step < 8
+
+    proc = subprocess.run(_cli(workdir), cwd=ROOT, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _results(str(workdir)) == _results(reference_run)
+    a, b = _final_state(str(workdir), config), _final_state(reference_run, config)
+    assert a.step == b.step == 8
+    same = jax.tree.map(lambda x, y: np.array_equal(np.asarray(x), np.asarray(y)),
+                        a.state, b.state)
+    assert all(jax.tree.leaves(same))
+    np.testing.assert_array_equal(a.pseudo_domain, b.pseudo_domain)
+    np.testing.assert_array_equal(a.bank, b.bank)
+    assert _strip_timing(_records(str(workdir))) == _strip_timing(_records(reference_run))
+
+
+def test_sigterm_saves_and_exits_cleanly_then_resumes(reference_run, tmp_path):
+    workdir = tmp_path / "terminated"
+    proc = subprocess.Popen(_cli(workdir), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    _wait_for_checkpoint(proc, str(workdir), 1)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    status = json.loads(out.strip().splitlines()[-1])
+    assert status["status"].startswith("preempted")
+    saved = _final_state(str(workdir), smoke_config(steps_per_epoch=4))
+    assert saved.step == status["global_step"] < 8  # saved where it stopped
+
+    proc = subprocess.run(_cli(workdir), cwd=ROOT, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _results(str(workdir)) == _results(reference_run)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    real = meta.make_meta_step
+
+    def poisoning_make_meta_step(config):
+        step_fn = real(config)
+        calls = {"n": 0}
+
+        def poisoned(state, batch, *, second_order):
+            calls["n"] += 1
+            if calls["n"] == 3:  # corrupt the weights: the real network then yields NaN
+                state = state.replace(params=jax.tree.map(lambda p: p * np.nan, state.params))
+            return step_fn(state, batch, second_order=second_order)
+
+        poisoned.trace_count = step_fn.trace_count
+        return poisoned
+
+    monkeypatch.setattr(meta, "make_meta_step", poisoning_make_meta_step)
+    config = smoke_config(**{"checkpoint.every_steps": 1})
+    workdir = str(tmp_path)
+    with pytest.raises(train.NonFiniteLossError, match="last good checkpoint is step 2"):
+        train.train_and_evaluate(config, workdir)
+    restored = _final_state(workdir, config)
+    assert restored.step == 2 and restored.meta["step_in_epoch"] == 2
+    assert all(np.isfinite(np.asarray(p)).all() for p in jax.tree.leaves(restored.state.params))
+    lines = _records(workdir, "train")
+    assert [r["step"] for r in lines] == [1, 2]  # nothing logged for the poisoned step
+
+
+def test_erm_baseline_trains(tmp_path):
+    config = smoke_config(method="erm", num_epochs=1, steps_per_epoch=2)
+    summary = train.train_and_evaluate(config, str(tmp_path))
+    assert [r["epoch"] for r in summary["results"]] == [1]
+    assert summary["trace_counts"] == {"train_step": 1, "stats_pass": 0, "predict": 1}
+    assert _records(str(tmp_path), "assignment") == []
+    steps = _records(str(tmp_path), "train")
+    assert [s["step"] for s in steps] == [1, 2] and "loss/cls" in steps[0]
+
+
+def test_predict_scores_frames_of_the_trained_run(smoke_run, tmp_path):
+    from PIL import Image
+    workdir, summary = smoke_run
+    rng = np.random.default_rng(0)
+    for video in ("a", "b"):
+        (tmp_path / "frames" / video).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(
+                tmp_path / "frames" / video / f"{i}.png")
+    out = tmp_path / "scores.csv"
+    assert predict.main(["--workdir", workdir, "--images", str(tmp_path / "frames"),
+                         "--out", str(out)]) == 0
+    rows = out.read_text().strip().splitlines()
+    assert rows[0] == "path,video,frame_score,video_score,decision,threshold"
+    assert len(rows) == 5
+    best = checkpointing.Checkpointer(workdir, 1)
+    _, best_meta = best.read_meta("best")
+    best.close()
+    assert float(rows[1].split(",")[5]) == pytest.approx(best_meta["results"][-1]["threshold"],
+                                                         abs=1e-6)

@@ -5,8 +5,8 @@
 Expected run time on the 2-core CPU: about 60–80 s, nearly all of it XLA compiling the
 second-order meta-step (~30–45 s), the stats pass and the prediction; a rerun with
 --config.jax_cache_dir=DIR set on both runs compiles from the cache in seconds. Source: synthetic
-domains 0, 1, 2 (24 frames each, videos of 4 frames), target: domain 3. Two epochs of 3 meta-steps,
-K = 3 pseudo domains, 4 images per domain batch; checkpoints every 2 steps.
+domains 0, 1, 2 (24 frames each, videos of 4 frames), target: domain 3. Two epochs of 4 meta-steps,
+K = 3 pseudo domains, 4 images per domain batch; checkpoints every 2 steps (and at epoch ends).
 """
 
 from d2am_jax.configs import default
@@ -15,7 +15,7 @@ from d2am_jax.configs import default
 def get_config():
     config = default.get_config()
     config.num_epochs = 2
-    config.steps_per_epoch = 3
+    config.steps_per_epoch = 4
     config.log_every = 1
     config.model.width = 0.0625
     config.model.adaptation_dim = 8

@@ -59,8 +59,10 @@ class ConvBNReLU(nn.Module):
         return nn.relu(x)
 
 
-def max_pool(x):
+def max_pool(x, fast_grad: bool = False):
     """3×3 window, stride 2, padding 1 (RFM's MaxPool2d(3, 2, 1)): halves H and W."""
+    if fast_grad:
+        return ops.max_pool_3x3_s2(x)
     return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
 
@@ -111,7 +113,7 @@ class FeatureExtractor(nn.Module):
         for _ in range(3):
             for c in (128, 196, 128):
                 x = cbr(c)(x, train)
-            x = max_pool(x)
+            x = max_pool(x, self.fast_grad)
             x, stats = DRLM(self.reduction)(x)
             block_outputs.append(x)
             drlm.append(stats)

@@ -52,3 +52,39 @@ def _bwd(res, g):
 
 
 conv_same_fast.defvjp(_fwd, _bwd)
+
+
+def _pool_taps(x: jax.Array) -> jax.Array:
+    """3×3 / stride-2 / pad-1 max-pool as the maximum of nine strided slices (differentiable)."""
+    n, h, w, c = x.shape
+    ho, wo = (h + 1) // 2, (w + 1) // 2
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+    out = None
+    for i in range(3):
+        for j in range(3):
+            s = lax.slice(xp, (0, i, j, 0), (n, i + 2 * ho - 1, j + 2 * wo - 1, c), (1, 2, 2, 1))
+            out = s if out is None else jnp.maximum(out, s)
+    return out
+
+
+def _pool_window(x: jax.Array) -> jax.Array:
+    return lax.reduce_window(x, -jnp.inf, lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
+                             ((0, 0), (1, 1), (1, 1), (0, 0)))
+
+
+@jax.custom_vjp
+def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
+    """RFM's MaxPool2d(3, 2, 1) on NHWC. Backward through nine strided slices instead of XLA's
+    select-and-scatter, which XLA:CPU runs ~4× slower (BENCHMARKS.md)."""
+    return _pool_window(x)
+
+
+def _pool_fwd(x):
+    return _pool_window(x), x
+
+
+def _pool_bwd(x, g):
+    return jax.vjp(_pool_taps, x)[1](g)
+
+
+max_pool_3x3_s2.defvjp(_pool_fwd, _pool_bwd)

@@ -123,7 +123,10 @@ class Checkpointer:
         return steps[-1] if steps else None
 
     def restore(self, state_target, *, which: str = "latest", step: int | None = None) -> Restored:
-        """The checkpoint `step` (default: the newest complete one) of 'latest' or 'best'."""
+        """The checkpoint `step` (default: the newest complete one) of 'latest' or 'best'.
+
+        state_target: a TrainState of the right structure (e.g. `meta.init_state`), or None.
+        """
         manager = {"latest": self._latest, "best": self._best}[which]
         directory = {"latest": self.latest_dir, "best": self.best_dir}[which]
         if step is None:
@@ -131,7 +134,8 @@ class Checkpointer:
             if not steps:
                 raise FileNotFoundError(f"no complete checkpoint in {directory}")
             step = steps[-1]
-        abstract = _abstract(state_target)
+        # Without a target the state comes back as nested dicts of arrays (enough to predict).
+        abstract = None if state_target is None else _abstract(state_target)
         out = manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract),
             domains=ocp.args.StandardRestore(),

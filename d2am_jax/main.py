@@ -24,8 +24,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    std_logging.getLogger().setLevel(std_logging.INFO)
-    logging.set_verbosity(logging.INFO)
+    # Our progress lines at INFO; the libraries' (orbax logs every save) only from WARNING on.
+    logging.set_verbosity(logging.WARNING)
+    std_logging.getLogger("d2am_jax").setLevel(std_logging.INFO)
     try:
         summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except (train.NonFiniteLossError, ValueError, FileNotFoundError) as e:

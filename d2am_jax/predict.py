@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -43,10 +44,9 @@ class Model:
     """The best checkpoint of a workdir: config, parameters and the decision threshold."""
 
     def __init__(self, workdir: str):
-        import jax
         import ml_collections
 
-        from d2am_jax import checkpointing, meta
+        from d2am_jax import checkpointing
 
         ckpt = checkpointing.Checkpointer(workdir, 1)
         which = "best" if ckpt.best_step() is not None else "latest"
@@ -61,12 +61,12 @@ class Model:
         self.record = saved["results"][-1]
         self.threshold = float(self.record["threshold"])
         self.resolution = int(self.config.data.resolution)
-        target = meta.init_state(self.config, jax.random.PRNGKey(0))
-        restored = ckpt.restore(target, which=which, step=step)
+        restored = ckpt.restore(None, which=which, step=step)
         ckpt.close()
         self.step, self.which = step, which
-        self.params, self.batch_stats = restored.state.params, restored.state.batch_stats
-        self._predict = meta.make_predict(self.config)
+        self.params = restored.state["params"]
+        self.batch_stats = restored.state["batch_stats"]
+        self._predict = _predict_fn(self.config.to_json_best_effort(sort_keys=True))
 
     def scores(self, images: np.ndarray, batch_size: int) -> np.ndarray:
         """Live probability of every uint8 [n, r, r, 3] frame."""
@@ -75,6 +75,15 @@ class Model:
         for x, m in stats.padded_batches(images, batch_size, self.resolution):
             out.append(np.asarray(self._predict(self.params, self.batch_stats, x))[:m])
         return np.concatenate(out).astype(np.float64)
+
+
+@functools.lru_cache(maxsize=4)
+def _predict_fn(config_json: str):
+    """One jitted prediction per model config and process (repeated calls reuse its compile)."""
+    import ml_collections
+
+    from d2am_jax import meta
+    return meta.make_predict(ml_collections.ConfigDict(json.loads(config_json)))
 
 
 def _prepared(rgb: np.ndarray, size: int, face_crop: str, where: str) -> np.ndarray:

@@ -499,8 +499,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     imagenet_bank = None
                     logger.write({"kind": "assignment", "epoch": epoch + 1, "step": global_step,
                                   "seconds": time.time() - t0, **diagnostics})
-                t_last, images = time.time(), 0
+                busy, images = 0.0, 0  # seconds in sampling and steps (not saves/evals)
                 while step_in_epoch < steps_per_epoch:
+                    t_step = time.time()
                     if config.method == "d2am":
                         batch = sampler.meta_batch(pseudo_domain, epoch, step_in_epoch)
                         batch = {key: batch[key] for key in ("x", "y", "depth")}
@@ -513,11 +514,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     step_in_epoch += 1
                     global_step += 1
                     images += batch_images
+                    busy += time.time() - t_step
                     bar.update(1)
                     if global_step % int(config.log_every) == 0:
-                        now = time.time()
-                        rate = images / max(now - t_last, 1e-9)
-                        t_last, images = now, 0
+                        rate = images / max(busy, 1e-9)
+                        busy, images = 0.0, 0
                         bar.set_postfix({"img/s": f"{rate:.1f}",
                                          "loss": f"{scalars['loss/total']:.3f}"})
                         logger.write({"kind": "train", "epoch": epoch + 1, "step": global_step,

@@ -89,8 +89,8 @@ def make_erm_step(config) -> Callable:
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         for name in ("E", "D", "M"):
-            metrics[f"grad_norm/{name}"] = optax.global_norm(grads[name])
-        metrics["grad_norm/total"] = optax.global_norm(grads)
+            metrics[f"grad_norm/{name}"] = optax.tree.norm(grads[name])
+        metrics["grad_norm/total"] = optax.tree.norm(grads)
         return state.replace(step=state.step + 1, params=params, batch_stats=new_stats,
                              opt_state=opt_state), metrics
 

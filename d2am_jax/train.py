@@ -541,8 +541,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     record = {"epoch": epoch, "step": global_step,
                               **{key: result[key] for key in RESULT_KEYS[2:]},
                               "val_eer": result["val_eer"], "val_auc": result["val_auc"],
-                              "unit": result["unit"], "apcer": result.get("apcer"),
-                              "bpcer": result.get("bpcer")}
+                              "unit": result["unit"], "num_live": result["num_live"],
+                              "num_spoof": result["num_spoof"], "apcer": result["apcer"],
+                              "bpcer": result["bpcer"]}
                     results.append(record)
                     logger.write({"kind": "eval", **record})
                     value = sign * float(result[config.checkpoint.best_metric])

@@ -246,3 +246,40 @@ def test_predict_scores_frames_of_the_trained_run(smoke_run, tmp_path):
     best.close()
     assert float(rows[1].split(",")[5]) == pytest.approx(best_meta["results"][-1]["threshold"],
                                                          abs=1e-6)
+
+
+def test_manifest_workflow_trains_on_named_domains(tmp_path):
+    from PIL import Image
+
+    from d2am_jax.configs import manifest as manifest_config
+    from d2am_jax.data import synthetic
+    raw = synthetic.generate(synthetic.SyntheticConfig(resolution=24, num_domains=4,
+                                                       per_domain=24))
+    lines = ["path,label,video,domain"]
+    (tmp_path / "frames").mkdir()
+    for i, image in enumerate(raw["image"]):
+        Image.fromarray(image).save(tmp_path / "frames" / f"{i}.png")
+        label = "live" if raw["label"][i] else "spoof"
+        lines.append(f"frames/{i}.png,{label},{raw['video'][i]},site{raw['domain'][i]}")
+    (tmp_path / "manifest.csv").write_text("\n".join(lines) + "\n")
+
+    config = manifest_config.get_config()
+    reference = smoke_config()
+    config.model, config.meta = reference.model, reference.meta  # the smoke network
+    config.jax_cache_dir, config.progress = CACHE, False
+    config.num_epochs, config.steps_per_epoch = 1, 2
+    config.data.resolution = 16
+    config.data.source_val_fraction = 0.2
+    config.data.manifest = str(tmp_path / "manifest.csv")
+    config.data.source, config.data.target = "site0,site1,site2", "site3"
+    summary = train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert [r["epoch"] for r in summary["results"]] == [1]
+    assert summary["results"][0]["unit"] == "video"
+    # site3's 24 frames form 3 live and 3 spoof videos of 4 frames, scored per video.
+    assert (summary["results"][0]["num_live"], summary["results"][0]["num_spoof"]) == (3, 3)
+    assignment = _records(str(tmp_path / "run"), "assignment")[0]
+    assert sum(map(sum, assignment["cluster_sizes"])) < 72  # source minus source validation
+
+    config.data.target = "site9"
+    with pytest.raises(ValueError, match="site9"):
+        train.train_and_evaluate(config, str(tmp_path / "run2"))

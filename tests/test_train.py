@@ -158,8 +158,9 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(smoke_run, tmp_path):
     assert killed_at.meta["step_in_epoch"] > 0, "the kill should land inside an epoch"
     assert killed_at.step < 8
 
-    proc = subprocess.run(_cli(workdir), cwd=ROOT, capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # Restart from the same workdir (in this process: it reuses the compiled functions).
+    resumed = train.train_and_evaluate(smoke_config(), str(workdir))
+    assert not resumed["preempted"] and resumed["global_step"] == 8
     assert _results(str(workdir)) == _results(reference_run)
     a, b = _final_state(str(workdir), config), _final_state(reference_run, config)
     assert a.step == b.step == 8
@@ -171,21 +172,32 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(smoke_run, tmp_path):
     assert _strip_timing(_records(str(workdir))) == _strip_timing(_records(reference_run))
 
 
-def test_sigterm_saves_and_exits_cleanly(tmp_path):
-    workdir = tmp_path / "terminated"
-    proc = subprocess.Popen(_cli(workdir), cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    _wait_for_checkpoint(proc, str(workdir), 2)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err[-3000:]
-    status = json.loads(out.strip().splitlines()[-1])
-    assert status["status"].startswith("preempted")
-    saved = _final_state(str(workdir), smoke_config())
-    assert saved.step == status["global_step"] < 8  # saved where it stopped, not later
-    assert _records(str(workdir), "train")[-1]["step"] == saved.step
-    assert saved.meta["log_lines"] == len(_records(str(workdir)))
-    # (Resuming from such a checkpoint is the SIGKILL test's subject.)
+def test_sigterm_saves_and_exits_cleanly(tmp_path, monkeypatch):
+    real = meta.make_meta_step
+
+    def terminating_make_meta_step(config):
+        step_fn = real(config)
+        calls = {"n": 0}
+
+        def terminated(state, batch, *, second_order):
+            calls["n"] += 1
+            if calls["n"] == 3:  # a scheduler's SIGTERM arriving during step 3
+                os.kill(os.getpid(), signal.SIGTERM)
+            return step_fn(state, batch, second_order=second_order)
+
+        terminated.trace_count = step_fn.trace_count
+        return terminated
+
+    monkeypatch.setattr(meta, "make_meta_step", terminating_make_meta_step)
+    previous = signal.getsignal(signal.SIGTERM)
+    summary = train.train_and_evaluate(smoke_config(), str(tmp_path))
+    assert summary["preempted"] and summary["global_step"] == 3
+    assert signal.getsignal(signal.SIGTERM) is previous  # the handler is uninstalled
+    saved = _final_state(str(tmp_path), smoke_config())
+    assert saved.step == 3 and saved.meta["step_in_epoch"] == 3  # saved where it stopped
+    assert _records(str(tmp_path), "train")[-1]["step"] == 3
+    assert saved.meta["log_lines"] == len(_records(str(tmp_path)))
+    assert _results(str(tmp_path)) == []  # stopped before the first evaluation
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):

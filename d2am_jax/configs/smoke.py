@@ -2,9 +2,10 @@
 
   python -m d2am_jax.main --config d2am_jax/configs/smoke.py --workdir /tmp/d2am_smoke
 
-Expected run time on the 2-core CPU: about 60–80 s, nearly all of it XLA compiling the
-second-order meta-step (~30–45 s), the stats pass and the prediction; a rerun with
---config.jax_cache_dir=DIR set on both runs compiles from the cache in seconds. Source: synthetic
+Expected run time on the 2-core CPU: about 100 s from a cold start (measured with the machine
+shared, load ≈ 3.8), ~60 s of it XLA compiling the second-order meta-step; about 25 s when
+--config.jax_cache_dir=DIR points at a persistent compilation cache an earlier run filled.
+Source: synthetic
 domains 0, 1, 2 (24 frames each, videos of 4 frames), target: domain 3. Two epochs of 4 meta-steps,
 K = 3 pseudo domains, 4 images per domain batch; checkpoints every 2 steps (and at epoch ends).
 """

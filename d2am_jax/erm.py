@@ -51,7 +51,8 @@ def make_loss(config) -> Callable:
         dtype = jax.tree.leaves(params["E"])[0].dtype
         x, y, depth = (batch[k].astype(dtype) for k in ("x", "y", "depth"))
         (feat, blocks, drlm), new_e = E.apply(
-            {"params": params["E"], "batch_stats": batch_stats["E"]}, x, True, mutable=["batch_stats"])
+            {"params": params["E"], "batch_stats": batch_stats["E"]}, x, True,
+            mutable=["batch_stats"])
         pred, new_d = D.apply(
             {"params": params["D"], "batch_stats": batch_stats["D"]}, blocks, True,
             mutable=["batch_stats"])

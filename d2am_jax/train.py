@@ -14,7 +14,6 @@ best/ (best by source validation, never by the target).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -44,7 +43,7 @@ RESUMABLE_CHANGES = ("num_epochs", "log_every", "progress", "jax_cache_dir", "ch
 
 
 class NonFiniteLossError(FloatingPointError):
-    """Training produced a non-finite loss or gradient; the message names the last good checkpoint."""
+    """A non-finite loss or gradient; the message names the last good checkpoint."""
 
 
 # ----------------------------------------------------------------------------- config

@@ -1,7 +1,6 @@
 """Checkpoints: exact round trip of the train state and host arrays, last-N retention, the best
 slot, and half-written directories ignored on restart."""
 
-import os
 
 import jax
 import numpy as np

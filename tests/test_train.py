@@ -295,3 +295,21 @@ def test_manifest_workflow_trains_on_named_domains(tmp_path):
     config.data.target = "site9"
     with pytest.raises(ValueError, match="site9"):
         train.train_and_evaluate(config, str(tmp_path / "run2"))
+
+
+def test_source_validation_holds_out_whole_videos_of_both_classes():
+    videos = np.repeat([f"v{i}" for i in range(20)], 3)           # 20 videos of 3 frames
+    labels = np.repeat(np.arange(20) % 2, 3).astype(np.int32)     # alternating live/spoof
+    data = train.HostSet(frames=None, labels=labels, depth=None, video=videos,
+                         domain=np.full(60, "d"))
+    tr, val = train.source_val_split(data, 0.2, seed=0)
+    assert sorted(np.concatenate([tr, val]).tolist()) == list(range(60))
+    assert not set(videos[tr]) & set(videos[val])                  # no video on both sides
+    assert sorted(np.unique(labels[val]).tolist()) == [0, 1]
+    assert len(np.unique(videos[val])) == 4                         # 20% of 10 videos per class
+    again = train.source_val_split(data, 0.2, seed=0)
+    assert np.array_equal(again[1], val)
+    one_live = train.HostSet(None, np.array([1, 0, 0], np.int32), None,
+                             np.array(["a", "b", "c"]), np.full(3, "d"))
+    with pytest.raises(ValueError, match="2 live videos"):
+        train.source_val_split(one_live, 0.2, seed=0)

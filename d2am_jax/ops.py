@@ -1,8 +1,9 @@
 """Convolution with a GEMM-based backward pass: the same maths as `lax.conv`, faster on XLA:CPU.
 
 XLA:CPU lowers the gradients of a 3×3 convolution to slow generic kernels (see BENCHMARKS.md); here
-the input gradient is a forward convolution with the flipped kernel and the kernel gradient is nine
-per-tap matrix products, both of which XLA runs at GEMM speed. Only first derivatives pass through E.
+the input gradient is a forward convolution with the flipped kernel and the kernel gradient an
+im2col GEMM over chunks of images, both of which XLA runs at GEMM speed. Only first derivatives
+pass through E.
 """
 
 import jax
@@ -17,17 +18,36 @@ def conv_same(x: jax.Array, kernel: jax.Array) -> jax.Array:
     return lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=_DIMS)
 
 
+# Images per im2col GEMM in the kernel gradient: large enough for GEMM speed (K = chunk·H·W),
+# small enough that the 9×-sized patch matrix stays a modest temporary (BENCHMARKS.md).
+KERNEL_GRAD_CHUNK = 8
+
+
+def _largest_divisor_at_most(n: int, cap: int) -> int:
+    return max(d for d in range(1, min(n, cap) + 1) if n % d == 0)
+
+
 def _kernel_grad(x: jax.Array, g: jax.Array, kh: int, kw: int) -> jax.Array:
-    """∂L/∂W[i, j] = Σ_nhw x_pad[n, h+i, w+j, :]ᵀ g[n, h, w, :], one GEMM per tap."""
+    """∂L/∂W[i, j] = Σ_nhw x_pad[n, h+i, w+j, :]ᵀ g[n, h, w, :]: one im2col GEMM per chunk of images.
+
+    A scan over chunks keeps the patch matrix to `KERNEL_GRAD_CHUNK` images at a time.
+    """
     n, h, w, cin = x.shape
+    cout = g.shape[-1]
     ph, pw = (kh - 1) // 2, (kw - 1) // 2
     xp = jnp.pad(x, ((0, 0), (ph, kh - 1 - ph), (pw, kw - 1 - pw), (0, 0)))
-    taps = []
-    for i in range(kh):
-        for j in range(kw):
-            xs = lax.slice(xp, (0, i, j, 0), (n, i + h, j + w, cin))
-            taps.append(jnp.einsum("nhwc,nhwd->cd", xs, g, preferred_element_type=g.dtype))
-    return jnp.stack(taps).reshape(kh, kw, cin, g.shape[-1])
+    chunk = _largest_divisor_at_most(n, KERNEL_GRAD_CHUNK)
+    xs = xp.reshape(n // chunk, chunk, *xp.shape[1:])
+    gs = g.reshape(n // chunk, chunk, h, w, cout)
+
+    def accumulate(acc, xg):
+        xc, gc = xg
+        taps = [lax.slice(xc, (0, i, j, 0), (chunk, i + h, j + w, cin)) for i in range(kh) for j in range(kw)]
+        cols = jnp.concatenate(taps, axis=-1).reshape(-1, kh * kw * cin)
+        return acc + jnp.dot(cols.T, gc.reshape(-1, cout), preferred_element_type=acc.dtype), None
+
+    acc, _ = lax.scan(accumulate, jnp.zeros((kh * kw * cin, cout), g.dtype), (xs, gs))
+    return acc.reshape(kh, kw, cin, cout)
 
 
 @jax.custom_vjp

@@ -38,8 +38,10 @@ DATA_NAMES = ("synthetic", "manifest", "protocol")
 BEST_METRICS = {"val_eer": "min", "val_auc": "max"}
 RESULT_KEYS = ("epoch", "step", "hter", "auc", "eer", "tpr_at_fpr_1pct", "acer", "threshold",
                "threshold_mode")
-# Config fields a resumed run may change: they decide how long and how it logs, not what it learns.
-RESUMABLE_CHANGES = ("num_epochs", "log_every", "progress", "jax_cache_dir", "checkpoint.")
+# Config fields a resumed run may change: how long it runs and how it logs, and the learning
+# rates (the way out after a non-finite loss: resume the last good checkpoint with smaller ones).
+RESUMABLE_CHANGES = ("num_epochs", "log_every", "progress", "jax_cache_dir", "checkpoint.",
+                     "meta.outer_lr", "meta.inner_lr")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -410,13 +412,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if resume_step is not None:
         _, saved_meta = ckpt.read_meta("latest")
         saved_config = saved_meta["config"]
-        changed = [f for f in config_differences(saved_config, _config_dict(config))
-                   if not any(f == p or f.startswith(p) for p in RESUMABLE_CHANGES)
-                   and f != "meta.num_domains"]
+        differences = [f for f in config_differences(saved_config, _config_dict(config))
+                       if f != "meta.num_domains"]  # K may have been resolved from the data
+        allowed = [f for f in differences
+                   if any(f == p or f.startswith(p) for p in RESUMABLE_CHANGES)]
+        changed = [f for f in differences if f not in allowed]
         if changed:
             raise ValueError(
                 f"{ckpt.latest_dir} holds a run with a different config (fields {changed}); use "
                 f"a new workdir, or the same values to resume")
+        if allowed:
+            log.warning("resuming with changed config fields %s", allowed)
         config.meta.num_domains = int(saved_config["meta"]["num_domains"])
 
     # K: fixed, from the true domains ('w/ d'), or by silhouette on ImageNet features (Alg. 1 l.2).

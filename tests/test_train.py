@@ -141,8 +141,8 @@ def test_rerun_of_a_finished_workdir_trains_nothing_more(smoke_run):
 
 def test_resume_with_a_changed_config_fails_naming_fields(smoke_run):
     workdir, _ = smoke_run
-    with pytest.raises(ValueError, match="meta.inner_lr"):
-        train.train_and_evaluate(smoke_config(**{"meta.inner_lr": 0.5}), workdir)
+    with pytest.raises(ValueError, match="meta.lambda_p"):
+        train.train_and_evaluate(smoke_config(**{"meta.lambda_p": 0.5}), workdir)
 
 
 def test_sigkill_mid_epoch_then_resume_is_bit_identical(smoke_run, tmp_path):

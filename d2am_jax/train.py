@@ -425,19 +425,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             log.warning("resuming with changed config fields %s", allowed)
         config.meta.num_domains = int(saved_config["meta"]["num_domains"])
 
-    # K: fixed, from the true domains ('w/ d'), or by silhouette on ImageNet features (Alg. 1 l.2).
     imagenet_bank = None
     is_live = train_set.labels == 1
     if resume_step is None and config.method == "d2am":
-        if config.domain_labels == "true":
-            config.meta.num_domains = len(np.unique(train_set.domain))
-        elif config.domains.choose_k:
-            imagenet_bank = _imagenet_bank(config, train_set.frames)
-            choice = domains.choose_k(imagenet_bank, range(config.domains.k_min,
-                                                           config.domains.k_max + 1),
-                                      seed=config.seed, n_init=config.domains.n_init)
-            log.info("K = %d by silhouette %s", choice.k, choice.scores)
-            config.meta.num_domains = choice.k
+        config.meta.num_domains, imagenet_bank = _resolved_k(config, train_set)
     k = int(config.meta.num_domains)
     with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(config.to_json_best_effort(indent=1))
@@ -543,12 +534,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 is_best = False
                 if epoch % int(config.eval.every_epochs) == 0 or epoch == int(config.num_epochs):
                     result = evaluate(predict, state, target, val_set, config)
-                    record = {"epoch": epoch, "step": global_step,
-                              **{key: result[key] for key in RESULT_KEYS[2:]},
-                              "val_eer": result["val_eer"], "val_auc": result["val_auc"],
-                              "unit": result["unit"], "num_live": result["num_live"],
-                              "num_spoof": result["num_spoof"], "apcer": result["apcer"],
-                              "bpcer": result["bpcer"]}
+                    record = result_record(result, epoch, global_step)
                     results.append(record)
                     logger.write({"kind": "eval", **record})
                     value = sign * float(result[config.checkpoint.best_metric])
@@ -581,6 +567,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             "predict": predict._cache_size(),
         },
     }
+
+
+def result_record(result: dict, epoch: int, step: int) -> dict:
+    """One results.json record from `evaluate`'s output (RESULT_KEYS first)."""
+    extra = ("val_eer", "val_auc", "unit", "num_live", "num_spoof", "apcer", "bpcer")
+    return {"epoch": epoch, "step": step, **{key: result[key] for key in RESULT_KEYS[2:] + extra}}
+
+
+def _resolved_k(config, train_set: HostSet) -> tuple[int, np.ndarray | None]:
+    """(K, ImageNet bank if it was computed): K fixed by the config, the number of true source
+    domains ('w/ d'), or by silhouette on ImageNet features (Algorithm 1 line 2)."""
+    if config.domain_labels == "true":
+        return len(np.unique(train_set.domain)), None
+    if not config.domains.choose_k:
+        return int(config.meta.num_domains), None
+    bank = _imagenet_bank(config, train_set.frames)
+    choice = domains.choose_k(bank, range(config.domains.k_min, config.domains.k_max + 1),
+                              seed=config.seed, n_init=config.domains.n_init)
+    log.info("K = %d by silhouette %s", choice.k, choice.scores)
+    return choice.k, bank
 
 
 def _epoch_domains(config, epoch: int, state, stats_fn, train_set: HostSet, is_live,

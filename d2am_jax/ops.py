@@ -1,8 +1,8 @@
 """Convolution with a GEMM-based backward pass: the same maths as `lax.conv`, faster on XLA:CPU.
 
 XLA:CPU lowers the gradients of a 3×3 convolution to slow generic kernels (see BENCHMARKS.md); here
-the input gradient is a forward convolution with the flipped kernel and the kernel gradient an
-im2col GEMM over chunks of images, both of which XLA runs at GEMM speed. Only first derivatives
+the input gradient is a forward convolution with the flipped kernel and the kernel gradient per-tap
+GEMMs over chunks of images, both of which XLA runs at GEMM speed. Only first derivatives
 pass through E.
 """
 
@@ -18,9 +18,9 @@ def conv_same(x: jax.Array, kernel: jax.Array) -> jax.Array:
     return lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=_DIMS)
 
 
-# Images per im2col GEMM in the kernel gradient: large enough for GEMM speed (K = chunk·H·W),
-# small enough that the 9×-sized patch matrix stays a modest temporary (BENCHMARKS.md).
-KERNEL_GRAD_CHUNK = 8
+# Images per step of the kernel-gradient scan: the GEMMs stay large (K = chunk·H·W) while the
+# shifted input slices stay small temporaries (BENCHMARKS.md: 4 beat 1, 2 and 8 here).
+KERNEL_GRAD_CHUNK = 4
 
 
 def _largest_divisor_at_most(n: int, cap: int) -> int:
@@ -28,9 +28,10 @@ def _largest_divisor_at_most(n: int, cap: int) -> int:
 
 
 def _kernel_grad(x: jax.Array, g: jax.Array, kh: int, kw: int) -> jax.Array:
-    """∂L/∂W[i, j] = Σ_nhw x_pad[n, h+i, w+j, :]ᵀ g[n, h, w, :]: one im2col GEMM per chunk of images.
+    """∂L/∂W[i, j] = Σ_nhw x_pad[n, h+i, w+j, :]ᵀ g[n, h, w, :]: one GEMM per tap and chunk of images.
 
-    A scan over chunks keeps the patch matrix to `KERNEL_GRAD_CHUNK` images at a time.
+    A scan over chunks keeps the shifted slices to `KERNEL_GRAD_CHUNK` images at a time; per-tap
+    GEMMs avoid materialising a 9×-sized im2col matrix.
     """
     n, h, w, cin = x.shape
     cout = g.shape[-1]
@@ -42,11 +43,15 @@ def _kernel_grad(x: jax.Array, g: jax.Array, kh: int, kw: int) -> jax.Array:
 
     def accumulate(acc, xg):
         xc, gc = xg
-        taps = [lax.slice(xc, (0, i, j, 0), (chunk, i + h, j + w, cin)) for i in range(kh) for j in range(kw)]
-        cols = jnp.concatenate(taps, axis=-1).reshape(-1, kh * kw * cin)
-        return acc + jnp.dot(cols.T, gc.reshape(-1, cout), preferred_element_type=acc.dtype), None
+        g2 = gc.reshape(-1, cout)
+        taps = [
+            jnp.dot(lax.slice(xc, (0, i, j, 0), (chunk, i + h, j + w, cin)).reshape(-1, cin).T, g2,
+                    preferred_element_type=acc.dtype)
+            for i in range(kh) for j in range(kw)
+        ]
+        return acc + jnp.stack(taps), None
 
-    acc, _ = lax.scan(accumulate, jnp.zeros((kh * kw * cin, cout), g.dtype), (xs, gs))
+    acc, _ = lax.scan(accumulate, jnp.zeros((kh * kw, cin, cout), g.dtype), (xs, gs))
     return acc.reshape(kh, kw, cin, cout)
 
 

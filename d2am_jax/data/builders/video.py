@@ -144,11 +144,12 @@ class VideoBuilder(FasBuilder, skip_registration=True):
             f"{self.MANUAL_DOWNLOAD_INSTRUCTIONS}")
 
     def discover(self, root: str) -> list[VideoItem]:
-        raise NotImplementedError
+        """Every video of the release under root, with split and label (each dataset's own layout)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement discover(): abstract hook")
 
     def annotation_boxes(self, item: VideoItem) -> dict[int, tuple]:
         """{frame index: (x, y, w, h)} from the release's annotation file (raise BadItem)."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement annotation_boxes(): abstract hook")
 
     # -- per video ------------------------------------------------------------------------------
 

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from d2am_jax import losses, meta, models
+from d2am_jax import losses, meta, models, runtime
 
 
 def validate_batch(batch: Mapping, config) -> None:
@@ -95,7 +95,7 @@ def make_erm_step(config) -> Callable:
         return state.replace(step=state.step + 1, params=params, batch_stats=new_stats,
                              opt_state=opt_state), metrics
 
-    jitted = jax.jit(step, donate_argnums=(0,))
+    jitted = jax.jit(step, donate_argnums=(0,), compiler_options=runtime.training_compiler_options())
 
     def erm_step(state: meta.TrainState, batch):
         batch = flat_batch(batch)

@@ -26,11 +26,18 @@ def scaled(channels: int, width: float, field: str = "model.width") -> int:
     return c
 
 
+_CONV_IMPL = {"xla": ops.conv_same, "gemm_grad": ops.conv_same_fast, "im2col": ops.conv_same_im2col}
+
+
 class Conv3x3(nn.Module):
-    """3×3 stride-1 SAME convolution (bias-free: a BatchNorm always follows)."""
+    """3×3 stride-1 SAME convolution (bias-free: a BatchNorm always follows).
+
+    `impl`: 'xla' (XLA's own derivatives), 'gemm_grad' (first derivatives as GEMMs; E and D) or
+    'im2col' (one GEMM, differentiable any number of times; M).
+    """
 
     features: int
-    fast_grad: bool = True
+    impl: str = "gemm_grad"
 
     @nn.compact
     def __call__(self, x):
@@ -38,18 +45,18 @@ class Conv3x3(nn.Module):
             "kernel", nn.initializers.kaiming_normal(), (3, 3, x.shape[-1], self.features), jnp.float32
         )
         kernel = kernel.astype(x.dtype)
-        return (ops.conv_same_fast if self.fast_grad else ops.conv_same)(x, kernel)
+        return _CONV_IMPL[self.impl](x, kernel)
 
 
 class ConvBNReLU(nn.Module):
     features: int
-    fast_grad: bool = True
+    impl: str = "gemm_grad"
     momentum: float = 0.9
     epsilon: float = 1e-5
 
     @nn.compact
     def __call__(self, x, train: bool):
-        x = Conv3x3(self.features, self.fast_grad)(x)
+        x = Conv3x3(self.features, self.impl)(x)
         # Training uses batch statistics (per domain batch, see meta.py); evaluation uses the
         # running averages that the outer step accumulates from those batch statistics.
         x = nn.BatchNorm(
@@ -96,8 +103,75 @@ class DRLM(nn.Module):
         return f_plus, {"attention": a, "p_logit": p_logit, "mean": mu, "std": sigma}
 
 
+class _Kernel(nn.Module):
+    features: int
+
+    @nn.compact
+    def __call__(self, cin: int):
+        return self.param("kernel", nn.initializers.kaiming_normal(), (3, 3, cin, self.features), jnp.float32)
+
+
+class _BatchNormVariables(nn.Module):
+    features: int
+    momentum: float = 0.9
+
+    @nn.compact
+    def __call__(self, batch_moments=None):
+        c = self.features
+        scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+        mean = self.variable("batch_stats", "mean", jnp.zeros, (c,), jnp.float32)
+        var = self.variable("batch_stats", "var", jnp.ones, (c,), jnp.float32)
+        if batch_moments is not None and not self.is_initializing():
+            # Running averages for evaluation, flax BatchNorm's rule (not while initialising).
+            m = self.momentum
+            mean.value = m * mean.value + (1 - m) * jax.lax.stop_gradient(batch_moments[0])
+            var.value = m * var.value + (1 - m) * jax.lax.stop_gradient(batch_moments[1])
+        return scale, bias, mean.value, var.value
+
+
+class ConvBNLayer(nn.Module):
+    """The variables of one conv → BatchNorm → ReLU layer of E or D, under ConvBNReLU's names.
+
+    E and D apply them through `ops` (batch statistics per group of images, fused units), so this
+    module only declares them: `Conv3x3_0/kernel`, `BatchNorm_0/{scale, bias}` and the running
+    statistics `BatchNorm_0/{mean, var}`. Called with `batch_moments=(mean, var)` it also moves the
+    running statistics. Returns (kernel, scale, bias, running mean, running var).
+    """
+
+    features: int
+    momentum: float = 0.9
+
+    @nn.compact
+    def __call__(self, cin: int, batch_moments=None):
+        kernel = _Kernel(self.features, name="Conv3x3_0")(cin)
+        return (kernel,) + _BatchNormVariables(self.features, self.momentum, name="BatchNorm_0")(batch_moments)
+
+
+def _bn_relu(layer: ConvBNLayer, cin: int, z, train: bool, groups: int, eps: float):
+    """relu(BatchNorm(z)) in plain jnp: batch statistics per group (train) or running averages."""
+    _, scale, bias, mean, var = layer(cin)
+    if train:
+        a, batch_mean, batch_var = ops.bn_relu_reference(z, scale, bias, eps, groups)
+        layer(cin, (batch_mean, batch_var))
+        return a
+    return ops.bn_relu(z, scale, bias, mean, jax.lax.rsqrt(var + eps))
+
+
+def _check_groups(x, groups: int, module: str):
+    if groups < 1 or x.shape[0] % groups:
+        raise ValueError(f"{module}: batch of {x.shape[0]} images does not split into groups={groups} "
+                         f"equal domain batches")
+
+
 class FeatureExtractor(nn.Module):
-    """E: conv 64, then three [conv 128 → 196 → 128, max-pool, DRLM] blocks."""
+    """E: conv 64, then three [conv 128 → 196 → 128, max-pool, DRLM] blocks.
+
+    `groups`: the batch is that many domain batches of equal size, laid end to end; BatchNorm uses
+    batch statistics per domain batch in training. With `fast_grad`, training runs through the
+    fused units of `ops` (one saved map per convolution, GEMM-based backward); otherwise through
+    plain jnp and XLA's own derivatives (the reference the fused units are tested against).
+    """
 
     width: float = 1.0
     reduction: int = 16
@@ -106,29 +180,57 @@ class FeatureExtractor(nn.Module):
     epsilon: float = 1e-5
 
     @nn.compact
-    def __call__(self, x, train: bool):
-        cbr = lambda c: ConvBNReLU(scaled(c, self.width), self.fast_grad, self.momentum, self.epsilon)
-        x = cbr(64)(x, train)
+    def __call__(self, x, train: bool, groups: int = 1):
+        _check_groups(x, groups, "FeatureExtractor")
+        widths = [scaled(c, self.width) for c in (64,) + (128, 196, 128) * 3]
+        cins = [x.shape[-1]] + widths[:-1]
+        layers = [ConvBNLayer(c, self.momentum, name=f"ConvBNReLU_{i}") for i, c in enumerate(widths)]
+        fused = train and self.fast_grad
+        conv = ops.conv_same_fast if self.fast_grad else ops.conv_same
+        eps = self.epsilon
+
+        z = conv(x, layers[0](cins[0])[0].astype(x.dtype))
+        pending = 0                    # the layer whose BatchNorm + ReLU still has to run on z
         block_outputs, drlm = [], []
-        for _ in range(3):
-            for c in (128, 196, 128):
-                x = cbr(c)(x, train)
-            x = max_pool(x, self.fast_grad)
-            x, stats = DRLM(self.reduction)(x)
-            block_outputs.append(x)
+        for b in range(3):
+            for i in range(3 * b + 1, 3 * b + 4):
+                kernel = layers[i](cins[i])[0].astype(x.dtype)
+                if pending is None:    # block input: the previous DRLM's F⁺
+                    z = conv(f, kernel)
+                elif fused:
+                    _, scale, bias, _, _ = layers[pending](cins[pending])
+                    z, mean, var = ops.bn_relu_conv(z, scale, bias, kernel, eps, groups)
+                    layers[pending](cins[pending], (mean, var))
+                else:
+                    z = conv(_bn_relu(layers[pending], cins[pending], z, train, groups, eps), kernel)
+                pending = i
+            if fused:
+                _, scale, bias, _, _ = layers[pending](cins[pending])
+                pooled, mean, var = ops.bn_relu_pool(z, scale, bias, eps, groups)
+                layers[pending](cins[pending], (mean, var))
+            else:
+                pooled = max_pool(_bn_relu(layers[pending], cins[pending], z, train, groups, eps), self.fast_grad)
+            pending = None
+            f, stats = DRLM(self.reduction)(pooled)
+            block_outputs.append(f)
             drlm.append(stats)
-        return x, block_outputs, drlm
+        return f, block_outputs, drlm
 
 
 class DepthEstimator(nn.Module):
-    """D: the three blocks' outputs resized to the last block's grid, concatenated, conv 128 → 64 → 1."""
+    """D: the three blocks' outputs resized to the last block's grid, concatenated, conv 128 → 64 → 1.
+
+    `groups` as in FeatureExtractor.
+    """
 
     width: float = 1.0
+    fast_grad: bool = True
     momentum: float = 0.9
     epsilon: float = 1e-5
 
     @nn.compact
-    def __call__(self, block_outputs: Sequence[jax.Array], train: bool):
+    def __call__(self, block_outputs: Sequence[jax.Array], train: bool, groups: int = 1):
+        _check_groups(block_outputs[-1], groups, "DepthEstimator")
         n, h, w, _ = block_outputs[-1].shape
         resized = [
             f if f.shape[1:3] == (h, w)
@@ -136,8 +238,11 @@ class DepthEstimator(nn.Module):
             for f in block_outputs
         ]
         x = jnp.concatenate(resized, axis=-1)
-        for c in (128, 64):
-            x = ConvBNReLU(scaled(c, self.width), False, self.momentum, self.epsilon)(x, train)
+        conv = ops.conv_same_fast if self.fast_grad else ops.conv_same   # D needs first derivatives only
+        for i, c in enumerate((128, 64)):
+            layer, cin = ConvBNLayer(scaled(c, self.width), self.momentum, name=f"ConvBNReLU_{i}"), x.shape[-1]
+            x = conv(x, layer(cin)[0].astype(x.dtype))
+            x = _bn_relu(layer, cin, x, train, groups, self.epsilon)
         # Linear output: the target (a depth map in [0, 1] or zeros) is regressed with MSE (Eq. 10).
         x = nn.Conv(1, (3, 3), padding="SAME", param_dtype=jnp.float32, name="out")(x)
         return x[..., 0]
@@ -146,18 +251,21 @@ class DepthEstimator(nn.Module):
 class MetaLearner(nn.Module):
     """M: conv 128 → pool → 256 → pool → 512, GAP, adaptation layer h (Eq. 9), one logit (Eq. 8).
 
-    Its convs keep XLA's own derivatives: the inner step differentiates M twice.
+    The inner step differentiates M twice: its convs are im2col GEMMs (`ops.conv_same_im2col`),
+    whose derivatives of every order stay GEMMs.
     """
 
     width: float = 1.0
     adaptation_dim: int = 512
+    fast_grad: bool = True
     momentum: float = 0.9
     epsilon: float = 1e-5
 
     @nn.compact
     def __call__(self, x, train: bool):
+        impl = "im2col" if self.fast_grad else "xla"
         for i, c in enumerate((128, 256, 512)):
-            x = ConvBNReLU(scaled(c, self.width), False, self.momentum, self.epsilon)(x, train)
+            x = ConvBNReLU(scaled(c, self.width), impl, self.momentum, self.epsilon)(x, train)
             if i < 2:
                 x = max_pool(x)
         x = jnp.mean(x, axis=(1, 2))
@@ -177,6 +285,6 @@ def build_modules(model_config: Any) -> tuple[FeatureExtractor, DepthEstimator, 
     common = dict(momentum=model_config.bn_momentum, epsilon=model_config.bn_epsilon)
     return (
         FeatureExtractor(model_config.width, model_config.drlm_reduction, model_config.fast_conv_grad, **common),
-        DepthEstimator(model_config.width, **common),
-        MetaLearner(model_config.width, model_config.adaptation_dim, **common),
+        DepthEstimator(model_config.width, model_config.fast_conv_grad, **common),
+        MetaLearner(model_config.width, model_config.adaptation_dim, model_config.fast_conv_grad, **common),
     )

@@ -1,10 +1,14 @@
-"""Convolution with a GEMM-based backward pass: the same maths as `lax.conv`, faster on XLA:CPU.
+"""The network's layers with hand-written backward passes: the same maths as plain `lax`/`jnp`, run
+at GEMM speed by XLA:CPU and with one saved activation per convolution (BENCHMARKS.md).
 
-XLA:CPU lowers the gradients of a 3×3 convolution to slow generic kernels (see BENCHMARKS.md); here
-the input gradient is a forward convolution with the flipped kernel and the kernel gradient per-tap
-GEMMs over chunks of images, both of which XLA runs at GEMM speed. Only first derivatives
-pass through E.
+XLA:CPU lowers the gradients of a 3×3 convolution to slow generic kernels; here the input gradient is
+a forward convolution with the flipped kernel and the kernel gradient per-tap GEMMs over chunks of
+images. E's BatchNorm + ReLU are fused into the next convolution or max-pool (`bn_relu_conv`,
+`bn_relu_pool`), which recompute their activation in the backward pass. Only first derivatives pass
+through E and D; M, differentiated twice, uses `conv_same_im2col`.
 """
+
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -27,31 +31,36 @@ def _largest_divisor_at_most(n: int, cap: int) -> int:
     return max(d for d in range(1, min(n, cap) + 1) if n % d == 0)
 
 
-def _kernel_grad(x: jax.Array, g: jax.Array, kh: int, kw: int) -> jax.Array:
+def _kernel_grad(x: jax.Array, g: jax.Array, kh: int, kw: int, prologue=None, chunk: int | None = None) -> jax.Array:
     """∂L/∂W[i, j] = Σ_nhw x_pad[n, h+i, w+j, :]ᵀ g[n, h, w, :]: one GEMM per tap and chunk of images.
 
-    A scan over chunks keeps the shifted slices to `KERNEL_GRAD_CHUNK` images at a time; per-tap
-    GEMMs avoid materialising a 9×-sized im2col matrix.
+    A scan over chunks keeps the padded input and its shifted slices to `KERNEL_GRAD_CHUNK` images at
+    a time; per-tap GEMMs avoid materialising a 9×-sized im2col matrix. `prologue(x_chunk, i)`, if
+    given, maps chunk i of x to the convolution's actual input (the fused units recompute their
+    activation here, so it never exists at full size).
     """
     n, h, w, cin = x.shape
     cout = g.shape[-1]
     ph, pw = (kh - 1) // 2, (kw - 1) // 2
-    xp = jnp.pad(x, ((0, 0), (ph, kh - 1 - ph), (pw, kw - 1 - pw), (0, 0)))
-    chunk = _largest_divisor_at_most(n, KERNEL_GRAD_CHUNK)
-    xs = xp.reshape(n // chunk, chunk, *xp.shape[1:])
+    chunk = chunk or _largest_divisor_at_most(n, KERNEL_GRAD_CHUNK)
+    xs = x.reshape(n // chunk, chunk, h, w, cin)
     gs = g.reshape(n // chunk, chunk, h, w, cout)
 
-    def accumulate(acc, xg):
-        xc, gc = xg
+    def accumulate(acc, ixg):
+        i, xc, gc = ixg
+        if prologue is not None:
+            xc = prologue(xc, i)
+        xc = jnp.pad(xc, ((0, 0), (ph, kh - 1 - ph), (pw, kw - 1 - pw), (0, 0)))
         g2 = gc.reshape(-1, cout)
         taps = [
-            jnp.dot(lax.slice(xc, (0, i, j, 0), (chunk, i + h, j + w, cin)).reshape(-1, cin).T, g2,
+            jnp.dot(lax.slice(xc, (0, a, b, 0), (chunk, a + h, b + w, cin)).reshape(-1, cin).T, g2,
                     preferred_element_type=acc.dtype)
-            for i in range(kh) for j in range(kw)
+            for a in range(kh) for b in range(kw)
         ]
         return acc + jnp.stack(taps), None
 
-    acc, _ = lax.scan(accumulate, jnp.zeros((kh * kw, cin, cout), g.dtype), (xs, gs))
+    acc, _ = lax.scan(accumulate, jnp.zeros((kh * kw, cin, cout), g.dtype),
+                      (jnp.arange(n // chunk), xs, gs))
     return acc.reshape(kh, kw, cin, cout)
 
 
@@ -77,6 +86,23 @@ def _bwd(res, g):
 
 
 conv_same_fast.defvjp(_fwd, _bwd)
+
+
+def conv_same_im2col(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """`conv_same` as one GEMM over the nine shifted copies of the input (im2col).
+
+    For small maps that are differentiated twice (the meta-learner M): every derivative of pads,
+    slices and a dot is again pads, slices and dots, which XLA:CPU runs at GEMM speed, while its
+    own convolution derivatives at M's shapes fall back to a generic loop (BENCHMARKS.md).
+    """
+    kh, kw, cin, cout = kernel.shape
+    n, h, w, _ = x.shape
+    ph, pw = (kh - 1) // 2, (kw - 1) // 2
+    xp = jnp.pad(x, ((0, 0), (ph, kh - 1 - ph), (pw, kw - 1 - pw), (0, 0)))
+    patches = jnp.concatenate(
+        [lax.slice(xp, (0, i, j, 0), (n, i + h, j + w, cin)) for i in range(kh) for j in range(kw)], axis=-1
+    )
+    return jnp.dot(patches, kernel.reshape(kh * kw * cin, cout))
 
 
 def _pool_taps(x: jax.Array) -> jax.Array:
@@ -113,3 +139,172 @@ def _pool_bwd(x, g):
 
 
 max_pool_3x3_s2.defvjp(_pool_fwd, _pool_bwd)
+
+
+# ---------------------------------------------------------------------------------------------
+# BatchNorm (batch statistics per group of images) fused with ReLU and the next convolution or
+# max-pool. The feature extractor E runs the K domain batches as one flat batch of K·B images,
+# BatchNorm keeping statistics per domain batch (group). Each fused unit saves only its input z
+# (the previous convolution's output) and recomputes the normalised, rectified activation in its
+# backward pass: one saved map per convolution instead of two (pre-BatchNorm and post-ReLU), at the
+# cost of one elementwise pass (BENCHMARKS.md).
+
+
+def group_moments(z: jax.Array, groups: int) -> tuple[jax.Array, jax.Array]:
+    """Per-group, per-channel mean and (biased) variance of z [G·B, H, W, C] → two [G, C] arrays."""
+    zg = z.reshape(groups, -1, z.shape[-1])
+    mu = jnp.mean(zg, axis=1)
+    return mu, jnp.mean(jnp.square(zg - mu[:, None, :]), axis=1)
+
+
+def _normalize(z, scale, bias, mu, rstd):
+    """(x̂, y): x̂ = (z − μ_g)·rstd_g as [G, B·H·W, C] and y = x̂·scale + bias, for [G, C] statistics."""
+    zg = z.reshape(mu.shape[0], -1, z.shape[-1])
+    xhat = (zg - mu[:, None, :]) * rstd[:, None, :]
+    return xhat, xhat * scale + bias
+
+
+def bn_relu(z, scale, bias, mu, rstd):
+    """relu((z − μ_g)·rstd_g·scale + bias); μ, rstd are [G, C] per group of images, or [C]."""
+    c = z.shape[-1]
+    _, y = _normalize(z, scale, bias, jnp.reshape(mu, (-1, c)), jnp.reshape(rstd, (-1, c)))
+    return jnp.maximum(y, 0).reshape(z.shape)
+
+
+def bn_relu_reference(z, scale, bias, eps: float, groups: int):
+    """Training-mode BatchNorm + ReLU in plain jnp (any-order autodiff) → (a, mean_G μ, mean_G var)."""
+    mu, var = group_moments(z, groups)
+    return bn_relu(z, scale, bias, mu, lax.rsqrt(var + eps)), jnp.mean(mu, 0), jnp.mean(var, 0)
+
+
+def _bn_relu_backward(z, scale, mu, rstd, xhat, y, da, dmean, dvar):
+    """Cotangents of (z, scale, bias) for a = relu(BN(z)) and the mean_G μ, mean_G var outputs."""
+    groups = mu.shape[0]
+    m = xhat.shape[1]                                     # elements per group and channel
+    # A multiply by the mask, not a select against a broadcast zero, which XLA:CPU materialises as
+    # a full-size array when the select lands in a YNNPACK elementwise fusion.
+    dy = da.reshape(y.shape) * (y > 0).astype(y.dtype)
+    s1 = jnp.sum(dy, axis=1)                              # [G, C]
+    s2 = jnp.sum(dy * xhat, axis=1)
+    zc = xhat / rstd[:, None, :]                          # z − μ_g
+    dz = (scale * rstd)[:, None, :] * (dy - s1[:, None, :] / m - xhat * s2[:, None, :] / m)
+    dz = dz + dmean / (groups * m) + dvar * 2.0 * zc / (groups * m)
+    return dz.reshape(z.shape), jnp.sum(s2, 0), jnp.sum(s1, 0)
+
+
+def _forward_stats(z, eps, groups):
+    mu, var = group_moments(z, groups)
+    return mu, var, lax.rsqrt(var + eps)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def bn_relu_conv(z, scale, bias, kernel, eps: float, groups: int):
+    """conv(relu(BN_train(z)), kernel), SAME, stride 1 → (output, mean_G μ, mean_G var).
+
+    Saves z, not the activation: the backward pass recomputes it (see the section comment).
+    """
+    return _bn_relu_conv_fwd(z, scale, bias, kernel, eps, groups)[0]
+
+
+def _bn_relu_conv_fwd(z, scale, bias, kernel, eps, groups):
+    mu, var, rstd = _forward_stats(z, eps, groups)
+    a = bn_relu(z, scale, bias, mu, rstd)
+    out = (conv_same(a, kernel), jnp.mean(mu, 0), jnp.mean(var, 0))
+    return out, (z, scale, bias, kernel, mu, rstd)
+
+
+def _bn_relu_conv_bwd(eps, groups, res, cts):
+    # The barrier keeps XLA from merging this recomputation with the forward's identical one
+    # (common-subexpression elimination), which would keep the forward's activation alive.
+    z, scale, bias, kernel, mu, rstd = lax.optimization_barrier(res)
+    g, dmean, dvar = cts
+    kh, kw = kernel.shape[:2]
+    da = conv_same(g, jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2))
+    # The kernel gradient recomputes the activation chunk by chunk, from z and its group's statistics.
+    per_group = z.shape[0] // groups
+    chunk = _largest_divisor_at_most(per_group, KERNEL_GRAD_CHUNK)
+    activation = lambda zc, i: bn_relu(zc, scale, bias, mu[i * chunk // per_group], rstd[i * chunk // per_group])
+    dkernel = _kernel_grad(z, g, kh, kw, prologue=activation, chunk=chunk)
+    xhat, y = _normalize(z, scale, bias, mu, rstd)
+    dz, dscale, dbias = _bn_relu_backward(z, scale, mu, rstd, xhat, y, da, dmean, dvar)
+    return dz, dscale, dbias, dkernel
+
+
+bn_relu_conv.defvjp(_bn_relu_conv_fwd, _bn_relu_conv_bwd)
+
+
+def _pool_scatter_taps(idx: jax.Array, g: jax.Array, h: int, w: int) -> jax.Array:
+    """Gradient of a 3×3 / stride-2 / pad-1 max-pool: g[ho, wo] goes to tap idx[ho, wo] of its window.
+
+    Input row 2m is tap row 1 of window m only; row 2m+1 is tap row 2 of window m and tap row 0 of
+    window m+1 (columns alike). So each of the four (row, column) parity classes gathers from at most
+    four windows at a quarter-size grid, and one interleave builds the full map: about a ninth of
+    the work of scattering each of the nine taps over the full map.
+    """
+    n, ho, wo, c = g.shape
+
+    def shift(a, d, e, fill):       # a[:, m + d, l + e], past the edge: fill
+        if d == 0 and e == 0:
+            return a
+        return jnp.pad(a[:, d:, e:], ((0, 0), (0, d), (0, e), (0, 0)), constant_values=fill)
+
+    sources = {0: ((1, 0),), 1: ((2, 0), (0, 1))}      # parity → (tap row/col, window offset)
+    rows = []
+    for p in (0, 1):
+        cols = []
+        for q in (0, 1):
+            acc = 0
+            for i, d in sources[p]:
+                for j, e in sources[q]:
+                    acc = acc + jnp.where(shift(idx, d, e, -1) == 3 * i + j, shift(g, d, e, 0), 0)
+            cols.append(acc)
+        rows.append(jnp.stack(cols, axis=3))            # [N, Ho, Wo, 2, C]
+    full = jnp.stack(rows, axis=2)                      # [N, Ho, 2, Wo, 2, C]
+    return full.reshape(n, 2 * ho, 2 * wo, c)[:, :h, :w, :]
+
+
+def _pool_with_argmax(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """3×3 / stride-2 / pad-1 max-pool and the index (0..8, row-major) of each window's first maximum.
+
+    Both come from one pass over the nine strided slices, so the index never depends on comparing
+    values recomputed elsewhere; "first maximum" is the tap XLA's select-and-scatter picks.
+    """
+    n, h, w, c = x.shape
+    ho, wo = (h + 1) // 2, (w + 1) // 2
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+    best, idx = None, None
+    for t in range(9):
+        i, j = divmod(t, 3)
+        s = lax.slice(xp, (0, i, j, 0), (n, i + 2 * ho - 1, j + 2 * wo - 1, c), (1, 2, 2, 1))
+        if best is None:
+            best, idx = s, jnp.zeros(s.shape, jnp.int8)
+        else:
+            better = s > best
+            best, idx = jnp.where(better, s, best), jnp.where(better, jnp.int8(t), idx)
+    return best, idx
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def bn_relu_pool(z, scale, bias, eps: float, groups: int):
+    """max_pool_3x3_s2(relu(BN_train(z))) → (pooled, mean_G μ, mean_G var).
+
+    Saves z and the int8 index of each window's maximum (a quarter-size map), not the activation.
+    """
+    return _bn_relu_pool_fwd(z, scale, bias, eps, groups)[0]
+
+
+def _bn_relu_pool_fwd(z, scale, bias, eps, groups):
+    mu, var, rstd = _forward_stats(z, eps, groups)
+    pooled, idx = _pool_with_argmax(bn_relu(z, scale, bias, mu, rstd))
+    return (pooled, jnp.mean(mu, 0), jnp.mean(var, 0)), (z, scale, bias, mu, rstd, idx)
+
+
+def _bn_relu_pool_bwd(eps, groups, res, cts):
+    z, scale, bias, mu, rstd, idx = lax.optimization_barrier(res)   # see _bn_relu_conv_bwd
+    g, dmean, dvar = cts
+    xhat, y = _normalize(z, scale, bias, mu, rstd)
+    da = _pool_scatter_taps(idx, g, z.shape[1], z.shape[2])
+    return _bn_relu_backward(z, scale, mu, rstd, xhat, y, da, dmean, dvar)
+
+
+bn_relu_pool.defvjp(_bn_relu_pool_fwd, _bn_relu_pool_bwd)

@@ -28,7 +28,7 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from d2am_jax import checkpointing, domains, erm, meta, metrics, stats
+from d2am_jax import checkpointing, domains, erm, meta, metrics, runtime, stats
 from d2am_jax.data import sampler as sampler_lib
 
 log = logging.getLogger(__name__)
@@ -483,7 +483,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     total_steps = int(config.num_epochs) * steps_per_epoch
     bar = tqdm.tqdm(total=total_steps, initial=min(global_step, total_steps), unit="step",
                     disable=not config.progress, dynamic_ncols=True)
-    preempted = False
+    preempted, compiled = False, False
     try:
         with _Preemption() as preemption:
             while epoch < int(config.num_epochs) and not preempted:
@@ -493,6 +493,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                         config, epoch, state, stats_fn, train_set, is_live, pseudo_domain,
                         imagenet_bank)
                     imagenet_bank = None
+                    runtime.release_host_memory()   # the stats pass and clustering compiled/allocated
                     logger.write({"kind": "assignment", "epoch": epoch + 1, "step": global_step,
                                   "seconds": time.time() - t0, **diagnostics})
                 busy, images = 0.0, 0  # seconds in sampling and steps (not saves/evals)
@@ -504,6 +505,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     else:
                         batch = sampler.pooled_batch(epoch, step_in_epoch)
                     state, step_metrics = train_step(state, batch)
+                    if not compiled:
+                        runtime.release_host_memory()   # the compiler's freed heap (~1 GB on CPU)
+                        compiled = True
                     scalars = _scalars(step_metrics)  # a few scalars: the only device→host copy
                     _check_finite(scalars, f"epoch {epoch + 1} step {step_in_epoch + 1} "
                                   f"(global step {global_step + 1})", last_good, ckpt.latest_dir)

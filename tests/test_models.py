@@ -1,4 +1,5 @@
-"""The full-width network at 256×256 against the layer table (shape evaluation only, no compute)."""
+"""The network: the full-width model at 256×256 against the layer table (shape evaluation only), and
+the fused training path of E and D against plain autodiff."""
 
 import jax
 import jax.numpy as jnp
@@ -75,3 +76,56 @@ def test_forward_is_about_100_gflop_per_image_at_paper_scale(full):
     cost = jax.jit(forward).lower(full["vars_e"], full["vars_m"], x).cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     assert 85e9 < cost["flops"] < 115e9, cost["flops"]
+
+
+def _e_and_d_loss(E, D, variables_e, variables_d, x, groups, t):
+    """A scalar of everything E and D return in training mode, and their new running statistics."""
+    (feat, blocks, drlm), new_e = E.apply(variables_e, x, True, groups=groups, mutable=["batch_stats"])
+    depth, new_d = D.apply(variables_d, blocks, True, groups=groups, mutable=["batch_stats"])
+    value = jnp.sum(jnp.sin(feat) * t) + jnp.sum(depth ** 2) + sum(jnp.sum(s["p_logit"]) for s in drlm)
+    return value, (new_e, new_d)
+
+
+def test_fused_training_path_equals_plain_autodiff_with_per_domain_statistics():
+    """E and D with the fused units of `ops` (fast_grad) against the same layers in plain jnp with
+    XLA's derivatives: value, every parameter gradient and the running statistics, in float64."""
+    with jax.enable_x64(True):
+        config = default.get_config()
+        config.model.width = 0.0625
+        config.model.drlm_reduction = 4
+        E, D, _ = models.build_modules(config.model)
+        E_ref = E.clone(fast_grad=False)
+        D_ref = D.clone(fast_grad=False)
+        rng = np.random.default_rng(0)
+        x = jnp.asarray(rng.random((6, 16, 16, 6)))
+        to64 = lambda tree: jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), tree)
+        ve = to64(E.init(jax.random.PRNGKey(0), x, True))
+        blocks = E.apply(ve, x, True, mutable=["batch_stats"])[0][1]
+        vd = to64(D.init(jax.random.PRNGKey(1), blocks, True))
+        # Running statistics away from their init, so that the update rule is visible.
+        ve["batch_stats"] = jax.tree.map(lambda a: a + 0.3, ve["batch_stats"])
+        t = jnp.asarray(rng.standard_normal((6, 2, 2, 8)))
+
+        def grads(E_, D_):
+            def f(pe, pd):
+                return _e_and_d_loss(E_, D_, {**ve, "params": pe}, {**vd, "params": pd}, x, 3, t)
+            return jax.value_and_grad(f, (0, 1), has_aux=True)(ve["params"], vd["params"])
+
+        (value, stats), g = grads(E, D)
+        (value_ref, stats_ref), g_ref = grads(E_ref, D_ref)
+        np.testing.assert_allclose(value, value_ref, rtol=1e-12)
+        for a, b in zip(jax.tree.leaves((g, stats)), jax.tree.leaves((g_ref, stats_ref))):
+            np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-11)
+        # Per-domain statistics: grouping the batch differently changes the result.
+        other = _e_and_d_loss(E, D, ve, vd, x, 1, t)[0]
+        assert abs(float(other) - float(value)) > 1e-6
+
+
+def test_batch_that_does_not_split_into_groups_is_refused():
+    config = default.get_config()
+    config.model.width = 0.0625
+    E, _, _ = models.build_modules(config.model)
+    x = jnp.zeros((5, 16, 16, 6))
+    variables = E.init(jax.random.PRNGKey(0), x, True)
+    with pytest.raises(ValueError, match="groups=2"):
+        E.apply(variables, x, True, groups=2, mutable=["batch_stats"])

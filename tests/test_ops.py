@@ -33,3 +33,73 @@ def test_max_pool_matches_flax_in_value_and_gradient_for_odd_and_even_sizes():
             g = jax.grad(lambda x: jnp.sum(ops.max_pool_3x3_s2(x) * t))(x)
             g_ref = jax.grad(lambda x: jnp.sum(ref_pool(x) * t))(x)
             np.testing.assert_allclose(g, g_ref, rtol=1e-12)
+
+
+def _fused_case(seed, shape=(6, 8, 7, 3)):
+    rng = np.random.default_rng(seed)
+    z = jnp.asarray(rng.standard_normal(shape) * 2 + 0.5)
+    scale = jnp.asarray(rng.uniform(0.5, 1.5, shape[-1]))
+    bias = jnp.asarray(rng.standard_normal(shape[-1]) * 0.3)
+    return rng, z, scale, bias
+
+
+def _check_grads(fused, reference, args, rng):
+    """Values equal; gradients equal under random cotangents for every output (incl. the statistics)."""
+    out_f, out_r = fused(*args), reference(*args)
+    cts = [jnp.asarray(rng.standard_normal(np.shape(o))) for o in out_r]
+    for a, b in zip(out_f, out_r):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+    loss = lambda f: (lambda *a: sum(jnp.sum(o * t) for o, t in zip(f(*a), cts)))
+    g_f = jax.grad(loss(fused), tuple(range(len(args))))(*args)
+    g_r = jax.grad(loss(reference), tuple(range(len(args))))(*args)
+    for name, a, b in zip(("z", "scale", "bias", "kernel"), g_f, g_r):
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-11, err_msg=name)
+
+
+def test_bn_relu_conv_matches_plain_autodiff_with_per_group_statistics():
+    with jax.enable_x64(True):
+        rng, z, scale, bias = _fused_case(2)
+        kernel = jnp.asarray(rng.standard_normal((3, 3, 3, 4)))
+        fused = lambda z, s, b, k: ops.bn_relu_conv(z, s, b, k, 1e-5, 3)
+
+        def reference(z, s, b, k):
+            a, mean, var = ops.bn_relu_reference(z, s, b, 1e-5, 3)
+            return ops.conv_same(a, k), mean, var
+
+        _check_grads(fused, reference, (z, scale, bias, kernel), rng)
+
+
+def test_bn_relu_pool_matches_plain_autodiff_for_odd_and_even_sizes():
+    with jax.enable_x64(True):
+        for seed, shape in ((3, (4, 8, 8, 3)), (4, (2, 7, 5, 2))):
+            rng, z, scale, bias = _fused_case(seed, shape)
+            fused = lambda z, s, b: ops.bn_relu_pool(z, s, b, 1e-5, 2)
+
+            def reference(z, s, b):
+                a, mean, var = ops.bn_relu_reference(z, s, b, 1e-5, 2)
+                pooled = nn.max_pool(a, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+                return pooled, mean, var
+
+            _check_grads(fused, reference, (z, scale, bias), rng)
+
+
+def test_group_moments_equal_statistics_of_each_group_alone():
+    rng = np.random.default_rng(5)
+    z = rng.standard_normal((6, 4, 4, 3))
+    mu, var = ops.group_moments(jnp.asarray(z), 3)
+    for g in range(3):
+        part = z[2 * g: 2 * g + 2]
+        np.testing.assert_allclose(mu[g], part.mean((0, 1, 2)), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(var[g], part.var((0, 1, 2)), rtol=1e-5, atol=1e-6)
+
+
+def test_im2col_conv_matches_xla_conv_to_second_order():
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(6)
+        x = jnp.asarray(rng.standard_normal((2, 5, 4, 3)))
+        w = jnp.asarray(rng.standard_normal((3, 3, 3, 2)))
+        np.testing.assert_allclose(ops.conv_same_im2col(x, w), ops.conv_same(x, w), rtol=1e-12)
+        # The inner step differentiates M twice: compare a Hessian-vector product through the conv.
+        v = jnp.asarray(rng.standard_normal(w.shape))
+        hvp = lambda f: jax.jvp(jax.grad(lambda w: jnp.sum(jnp.sin(f(x, w)))), (w,), (v,))[1]
+        np.testing.assert_allclose(hvp(ops.conv_same_im2col), hvp(ops.conv_same), rtol=1e-10)

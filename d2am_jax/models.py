@@ -238,7 +238,8 @@ class DepthEstimator(nn.Module):
             for f in block_outputs
         ]
         x = jnp.concatenate(resized, axis=-1)
-        conv = ops.conv_same_fast if self.fast_grad else ops.conv_same   # D needs first derivatives only
+        # D works on the small last-block grid, where one im2col GEMM per conv beats per-tap GEMMs.
+        conv = ops.conv_same_im2col if self.fast_grad else ops.conv_same
         for i, c in enumerate((128, 64)):
             layer, cin = ConvBNLayer(scaled(c, self.width), self.momentum, name=f"ConvBNReLU_{i}"), x.shape[-1]
             x = conv(x, layer(cin)[0].astype(x.dtype))

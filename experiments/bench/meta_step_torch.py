@@ -175,7 +175,7 @@ def main():
         total = l_dep + lambda_p * l_p
         for i in range(k - 1):
             loss_i = m_loss(pm, feats[i], y[i])
-            grads = torch.autograd.grad(loss_i, list(pm.values()), create_graph=second)
+            grads = torch.autograd.grad(loss_i, list(pm.values()), create_graph=second, retain_graph=True)
             adapted = {n: w - alpha * gw for (n, w), gw in zip(pm.items(), grads)}
             total = total + loss_i + m_loss(adapted, feats[k - 1], y[k - 1])
         opt.zero_grad(set_to_none=True)

@@ -99,9 +99,9 @@ def test_fused_training_path_equals_plain_autodiff_with_per_domain_statistics():
         rng = np.random.default_rng(0)
         x = jnp.asarray(rng.random((6, 16, 16, 6)))
         to64 = lambda tree: jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), tree)
-        ve = to64(E.init(jax.random.PRNGKey(0), x, True))
-        blocks = E.apply(ve, x, True, mutable=["batch_stats"])[0][1]
-        vd = to64(D.init(jax.random.PRNGKey(1), blocks, True))
+        ve = to64(jax.jit(lambda k: E.init(k, x, True))(jax.random.PRNGKey(0)))
+        blocks = jax.jit(lambda v: E.apply(v, x, True, mutable=["batch_stats"])[0][1])(ve)
+        vd = to64(jax.jit(lambda k: D.init(k, blocks, True))(jax.random.PRNGKey(1)))
         # Running statistics away from their init, so that the update rule is visible.
         ve["batch_stats"] = jax.tree.map(lambda a: a + 0.3, ve["batch_stats"])
         t = jnp.asarray(rng.standard_normal((6, 2, 2, 8)))
@@ -109,7 +109,7 @@ def test_fused_training_path_equals_plain_autodiff_with_per_domain_statistics():
         def grads(E_, D_):
             def f(pe, pd):
                 return _e_and_d_loss(E_, D_, {**ve, "params": pe}, {**vd, "params": pd}, x, 3, t)
-            return jax.value_and_grad(f, (0, 1), has_aux=True)(ve["params"], vd["params"])
+            return jax.jit(jax.value_and_grad(f, (0, 1), has_aux=True))(ve["params"], vd["params"])
 
         (value, stats), g = grads(E, D)
         (value_ref, stats_ref), g_ref = grads(E_ref, D_ref)
@@ -117,7 +117,7 @@ def test_fused_training_path_equals_plain_autodiff_with_per_domain_statistics():
         for a, b in zip(jax.tree.leaves((g, stats)), jax.tree.leaves((g_ref, stats_ref))):
             np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-11)
         # Per-domain statistics: grouping the batch differently changes the result.
-        other = _e_and_d_loss(E, D, ve, vd, x, 1, t)[0]
+        other = jax.jit(lambda: _e_and_d_loss(E, D, ve, vd, x, 1, t)[0])()
         assert abs(float(other) - float(value)) > 1e-6
 
 
@@ -125,7 +125,7 @@ def test_batch_that_does_not_split_into_groups_is_refused():
     config = default.get_config()
     config.model.width = 0.0625
     E, _, _ = models.build_modules(config.model)
-    x = jnp.zeros((5, 16, 16, 6))
-    variables = E.init(jax.random.PRNGKey(0), x, True)
-    with pytest.raises(ValueError, match="groups=2"):
-        E.apply(variables, x, True, groups=2, mutable=["batch_stats"])
+    x = jax.ShapeDtypeStruct((5, 16, 16, 6), jnp.float32)
+    variables = jax.eval_shape(lambda x: E.init(jax.random.PRNGKey(0), x, True), x)
+    with pytest.raises(ValueError, match="groups=2"):   # raised while tracing, before any compute
+        jax.eval_shape(lambda v, x: E.apply(v, x, True, groups=2, mutable=["batch_stats"]), variables, x)

@@ -45,13 +45,13 @@ def _fused_case(seed, shape=(6, 8, 7, 3)):
 
 def _check_grads(fused, reference, args, rng):
     """Values equal; gradients equal under random cotangents for every output (incl. the statistics)."""
-    out_f, out_r = fused(*args), reference(*args)
+    out_f, out_r = jax.jit(fused)(*args), jax.jit(reference)(*args)
     cts = [jnp.asarray(rng.standard_normal(np.shape(o))) for o in out_r]
     for a, b in zip(out_f, out_r):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
     loss = lambda f: (lambda *a: sum(jnp.sum(o * t) for o, t in zip(f(*a), cts)))
-    g_f = jax.grad(loss(fused), tuple(range(len(args))))(*args)
-    g_r = jax.grad(loss(reference), tuple(range(len(args))))(*args)
+    g_f = jax.jit(jax.grad(loss(fused), tuple(range(len(args)))))(*args)
+    g_r = jax.jit(jax.grad(loss(reference), tuple(range(len(args)))))(*args)
     for name, a, b in zip(("z", "scale", "bias", "kernel"), g_f, g_r):
         np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-11, err_msg=name)
 

@@ -32,8 +32,9 @@ _CONV_IMPL = {"xla": ops.conv_same, "gemm_grad": ops.conv_same_fast, "im2col": o
 class Conv3x3(nn.Module):
     """3×3 stride-1 SAME convolution (bias-free: a BatchNorm always follows).
 
-    `impl`: 'xla' (XLA's own derivatives), 'gemm_grad' (first derivatives as GEMMs; E and D) or
-    'im2col' (one GEMM, differentiable any number of times; M).
+    `impl`: 'xla' (XLA's own derivatives), 'gemm_grad' (first derivatives as GEMMs) or 'im2col'
+    (one GEMM, differentiable any number of times; M). E and D apply their convolutions through
+    `ops` directly (see ConvBNLayer).
     """
 
     features: int

@@ -21,7 +21,8 @@ def _config(alpha):
 
 
 def reference_objective(config, params, batch_stats, batch, key, const_grads, use_const):
-    """Eq. 11–13 written out with Python loops over domains, independently of meta.py's vmaps.
+    """Eq. 11–13 written out with Python loops over domains, independently of meta.py's flat
+    K·B batch (here E and D see one domain batch at a time).
 
     The inner step uses the true inner gradient (use_const = 0) or the constants const_grads
     (use_const = 1: the first-order approximation); one compile serves both.
@@ -117,7 +118,7 @@ def test_second_order_gradient_matches_central_finite_differences(f64):
                 assert abs(_dot(f64["g1"], v) - fd) / abs(fd) > 1e-4, module
 
 
-def test_vmapped_objective_equals_loop_reference_in_value_and_both_orders(f64):
+def test_objective_equals_loop_reference_in_value_and_both_orders(f64):
     with jax.enable_x64(True):
         config, stats, batch, key = f64["config"], f64["stats"], f64["batch"], f64["key"]
 

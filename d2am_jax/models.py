@@ -26,19 +26,18 @@ def scaled(channels: int, width: float, field: str = "model.width") -> int:
     return c
 
 
-_CONV_IMPL = {"xla": ops.conv_same, "gemm_grad": ops.conv_same_fast, "im2col": ops.conv_same_im2col}
+_CONV_IMPL = {"xla": ops.conv_same, "im2col": ops.conv_same_im2col}
 
 
 class Conv3x3(nn.Module):
     """3×3 stride-1 SAME convolution (bias-free: a BatchNorm always follows).
 
-    `impl`: 'xla' (XLA's own derivatives), 'gemm_grad' (first derivatives as GEMMs) or 'im2col'
-    (one GEMM, differentiable any number of times; M). E and D apply their convolutions through
-    `ops` directly (see ConvBNLayer).
+    `impl`: 'xla' (XLA's own derivatives) or 'im2col' (one GEMM, differentiable any number of
+    times). Used by M; E and D apply their convolutions through `ops` directly (see ConvBNLayer).
     """
 
     features: int
-    impl: str = "gemm_grad"
+    impl: str = "xla"
 
     @nn.compact
     def __call__(self, x):
@@ -51,7 +50,7 @@ class Conv3x3(nn.Module):
 
 class ConvBNReLU(nn.Module):
     features: int
-    impl: str = "gemm_grad"
+    impl: str = "xla"
     momentum: float = 0.9
     epsilon: float = 1e-5
 

@@ -64,24 +64,111 @@ def _kernel_grad(x: jax.Array, g: jax.Array, kh: int, kw: int, prologue=None, ch
     return acc.reshape(kh, kw, cin, cout)
 
 
+# Winograd F(2×2, 3×3) (Lavin & Gray, 2016): each 2×2 output tile from a 4×4 input tile with 16
+# multiplies per channel pair instead of 36. The input transform Bᵀ d B, the kernel transform G g Gᵀ
+# and the output transform Aᵀ m A are exact linear maps with entries 0, ±1, ±½; the 16 products are
+# one batched GEMM over channels. In float32 the result differs from a direct convolution by a few
+# units in the last place (tests/test_ops.py).
+_WINOGRAD_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
+
+# Tiles per step of the Winograd loop (4 images at 64×64): the GEMMs keep thousands of rows while
+# the 4×-sized transformed tiles stay ~100 MB temporaries (BENCHMARKS.md: 4 images beat 2 and 8).
+WINOGRAD_TILES = 4096
+
+
+def winograd_chunk(batch: int, h: int, w: int) -> int:
+    """Images per Winograd step: the largest divisor of `batch` within `WINOGRAD_TILES` tiles."""
+    return _largest_divisor_at_most(batch, max(1, WINOGRAD_TILES // (((h + 1) // 2) * ((w + 1) // 2))))
+
+
+def _winograd_input(t0, t1, t2, t3):
+    """Bᵀ d along one axis: four input rows (or columns) of a tile → four transformed ones."""
+    return t0 - t2, t1 + t2, t2 - t1, t1 - t3
+
+
+def conv_same_winograd(x: jax.Array, kernel: jax.Array, prologue=None, chunk: int | None = None) -> jax.Array:
+    """`conv_same` for a 3×3 kernel by Winograd F(2×2, 3×3), over chunks of `chunk` images.
+
+    Same maths as `conv_same` (any H, W; odd sizes are padded to whole tiles and cropped) with 2.25×
+    fewer multiplies. `prologue(x_chunk, i)`, if given, maps chunk i of x to the convolution's actual
+    input (as in `_kernel_grad`), so a fused unit's activation never exists at full size.
+    """
+    if kernel.shape[:2] != (3, 3):
+        raise ValueError(f"conv_same_winograd: 3×3 kernels only, got {kernel.shape[:2]}")
+    n, h, w, cin = x.shape
+    cout = kernel.shape[-1]
+    th, tw = (h + 1) // 2, (w + 1) // 2          # 2×2 output tiles
+    chunk = chunk or winograd_chunk(n, h, w)
+    g = jnp.asarray(_WINOGRAD_G, kernel.dtype)
+    u = jnp.einsum("ai,ijco,bj->abco", g, kernel, g).reshape(16, cin, cout)
+
+    def tiles(i, xc):
+        if prologue is not None:
+            xc = prologue(xc, i)
+        c = xc.shape[0]
+        xp = jnp.pad(xc, ((0, 0), (1, 2 * th + 1 - h), (1, 2 * tw + 1 - w), (0, 0)))
+        # Row r of every tile's 4×4 window is padded row 2·t + r: a stride-2 slice per r.
+        rows = [lax.slice(xp, (0, r, 0, 0), (c, r + 2 * th - 1, 2 * tw + 2, cin), (1, 2, 1, 1)) for r in range(4)]
+        v = []
+        for t in _winograd_input(*rows):
+            cols = [lax.slice(t, (0, 0, s, 0), (c, th, s + 2 * tw - 1, cin), (1, 1, 2, 1)) for s in range(4)]
+            v.extend(_winograd_input(*cols))
+        v = jnp.stack(v).reshape(16, c * th * tw, cin)
+        m = lax.dot_general(v, u, (((2,), (1,)), ((0,), (0,)))).reshape(4, 4, c, th, tw, cout)
+        # Aᵀ m A with Aᵀ = [[1, 1, 1, 0], [0, 1, −1, −1]], rows then columns; interleave the 2×2 tiles.
+        rows = (m[0] + m[1] + m[2], m[1] - m[2] - m[3])
+        y = jnp.stack([jnp.stack((r[0] + r[1] + r[2], r[1] - r[2] - r[3]), axis=3) for r in rows], axis=2)
+        return y.reshape(c, 2 * th, 2 * tw, cout)[:, :h, :w]
+
+    def body(i, out):
+        xc = lax.dynamic_slice_in_dim(x, i * chunk, chunk)
+        return lax.dynamic_update_slice_in_dim(out, tiles(i, xc), i * chunk, 0)
+
+    # The output buffer's initial value is never read (every chunk overwrites its slice). It is made
+    # from this call's input, not as constant zeros: XLA merges identical constant broadcasts across
+    # loops, which keeps one alive from the forward pass into the backward pass and forces copies
+    # (BENCHMARKS.md).
+    init = jnp.broadcast_to(lax.convert_element_type(x[0, 0, 0, 0] * 0, x.dtype), (n, h, w, cout))
+    return lax.fori_loop(0, n // chunk, body, init)
+
+
+# Fewer input channels than this: the transforms outweigh the saved multiplies (E's 6-channel
+# input conv at 64×64: 0.13 s direct, 0.19 s Winograd; BENCHMARKS.md).
+WINOGRAD_MIN_CHANNELS = 16
+
+
+def use_winograd(kernel_shape) -> bool:
+    """Whether the fast path convolves with this HWIO kernel by Winograd."""
+    return tuple(kernel_shape[:2]) == (3, 3) and kernel_shape[2] >= WINOGRAD_MIN_CHANNELS
+
+
+def _conv_fast(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """The fast path's convolution: Winograd where `use_winograd`, else `conv_same`."""
+    return conv_same_winograd(x, kernel) if use_winograd(kernel.shape) else conv_same(x, kernel)
+
+
+def _input_grad(kernel: jax.Array, g: jax.Array) -> jax.Array:
+    """Input gradient of a stride-1 SAME conv: SAME conv of g with the flipped, I/O-swapped kernel."""
+    kh, kw = kernel.shape[:2]
+    if kh % 2 == 0 or kw % 2 == 0:
+        raise ValueError(f"conv_same_fast: odd kernel sizes only, got {kernel.shape[:2]}")
+    return _conv_fast(g, jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2))
+
+
 @jax.custom_vjp
 def conv_same_fast(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """`conv_same` whose backward is expressed as forward convolutions and GEMMs."""
-    return conv_same(x, kernel)
+    """`conv_same` by Winograd (3×3), whose backward is again Winograd convolutions and GEMMs."""
+    return _conv_fast(x, kernel)
 
 
 def _fwd(x, kernel):
-    return conv_same(x, kernel), (x, kernel)
+    return _conv_fast(x, kernel), (x, kernel)
 
 
 def _bwd(res, g):
     x, kernel = res
     kh, kw = kernel.shape[:2]
-    if kh % 2 == 0 or kw % 2 == 0:
-        raise ValueError(f"conv_same_fast: odd kernel sizes only, got {kernel.shape[:2]}")
-    # Input gradient of a stride-1 SAME conv = SAME conv of g with the flipped, I/O-swapped kernel.
-    flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
-    dx = conv_same(g, flipped)
+    dx = _input_grad(kernel, g)
     return dx, _kernel_grad(x, g, kh, kw)
 
 
@@ -208,9 +295,21 @@ def bn_relu_conv(z, scale, bias, kernel, eps: float, groups: int):
 
 def _bn_relu_conv_fwd(z, scale, bias, kernel, eps, groups):
     mu, var, rstd = _forward_stats(z, eps, groups)
-    a = bn_relu(z, scale, bias, mu, rstd)
-    out = (conv_same(a, kernel), jnp.mean(mu, 0), jnp.mean(var, 0))
-    return out, (z, scale, bias, kernel, mu, rstd)
+    if use_winograd(kernel.shape):
+        # The activation is made chunk by chunk inside the Winograd map, never at full size.
+        cap = winograd_chunk(z.shape[0], z.shape[1], z.shape[2])
+        chunk, activation = _chunked_activation(z, scale, bias, mu, rstd, groups, cap)
+        y = conv_same_winograd(z, kernel, prologue=activation, chunk=chunk)
+    else:
+        y = conv_same(bn_relu(z, scale, bias, mu, rstd), kernel)
+    return (y, jnp.mean(mu, 0), jnp.mean(var, 0)), (z, scale, bias, kernel, mu, rstd)
+
+
+def _chunked_activation(z, scale, bias, mu, rstd, groups, cap):
+    """(chunk, prologue): chunks of ≤ cap images within one group, and their relu(BN(·))."""
+    per_group = z.shape[0] // groups
+    chunk = _largest_divisor_at_most(per_group, cap)
+    return chunk, lambda zc, i: bn_relu(zc, scale, bias, mu[i * chunk // per_group], rstd[i * chunk // per_group])
 
 
 def _bn_relu_conv_bwd(eps, groups, res, cts):
@@ -219,11 +318,9 @@ def _bn_relu_conv_bwd(eps, groups, res, cts):
     z, scale, bias, kernel, mu, rstd = lax.optimization_barrier(res)
     g, dmean, dvar = cts
     kh, kw = kernel.shape[:2]
-    da = conv_same(g, jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2))
+    da = _input_grad(kernel, g)
     # The kernel gradient recomputes the activation chunk by chunk, from z and its group's statistics.
-    per_group = z.shape[0] // groups
-    chunk = _largest_divisor_at_most(per_group, KERNEL_GRAD_CHUNK)
-    activation = lambda zc, i: bn_relu(zc, scale, bias, mu[i * chunk // per_group], rstd[i * chunk // per_group])
+    chunk, activation = _chunked_activation(z, scale, bias, mu, rstd, groups, KERNEL_GRAD_CHUNK)
     dkernel = _kernel_grad(z, g, kh, kw, prologue=activation, chunk=chunk)
     xhat, y = _normalize(z, scale, bias, mu, rstd)
     dz, dscale, dbias = _bn_relu_backward(z, scale, mu, rstd, xhat, y, da, dmean, dvar)

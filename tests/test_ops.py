@@ -1,14 +1,52 @@
-"""The GEMM-based conv backward and the slice-based max-pool backward equal XLA's own derivatives."""
+"""The Winograd and GEMM-based convolutions and the slice-based max-pool backward equal XLA's own
+convolutions and derivatives."""
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from d2am_jax import ops
 
 
-def test_conv_same_fast_matches_xla_in_value_and_gradients():
+@pytest.fixture(params=[True, False], ids=["winograd", "direct"])
+def winograd(request, monkeypatch):
+    """Runs a test with the fast path's convolutions by Winograd for every channel count, then by
+    direct convolution (the tests' small channel counts would otherwise all take the direct path)."""
+    monkeypatch.setattr(ops, "WINOGRAD_MIN_CHANNELS", 1 if request.param else 10**9)
+    return request.param
+
+
+def test_winograd_conv_matches_direct_conv_for_odd_sizes_chunks_and_prologue():
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(5)
+        for shape in ((4, 8, 8, 3), (6, 7, 5, 2), (2, 1, 1, 4)):
+            x = jnp.asarray(rng.standard_normal(shape))
+            w = jnp.asarray(rng.standard_normal((3, 3, shape[-1], 5)))
+            ref = ops.conv_same(x, w)
+            for chunk in (1, 2):
+                np.testing.assert_allclose(ops.conv_same_winograd(x, w, chunk=chunk), ref, rtol=1e-12, atol=1e-12)
+            # The prologue sees chunk i of x: here it scales chunk i by (i + 1).
+            scaled = x * jnp.repeat(jnp.arange(1, shape[0] // 2 + 1), 2)[:, None, None, None]
+            out = ops.conv_same_winograd(x, w, prologue=lambda xc, i: xc * (i + 1), chunk=2)
+            np.testing.assert_allclose(out, ops.conv_same(scaled, w), rtol=1e-12, atol=1e-12)
+
+
+def test_winograd_conv_in_float32_is_as_accurate_as_a_direct_conv():
+    """Against a float64 reference, Winograd's float32 error stays within a small multiple of the
+    direct float32 convolution's own error (its transforms add a few roundings per output)."""
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((4, 16, 16, 64)).astype(np.float32)
+    w = (rng.standard_normal((3, 3, 64, 32)) / 24).astype(np.float32)
+    with jax.enable_x64(True):
+        exact = np.asarray(ops.conv_same(jnp.asarray(x, jnp.float64), jnp.asarray(w, jnp.float64)))
+    err_direct = np.max(np.abs(np.asarray(ops.conv_same(x, w)) - exact))
+    err_winograd = np.max(np.abs(np.asarray(ops.conv_same_winograd(x, w)) - exact))
+    assert err_winograd < 4 * err_direct + 1e-6 * np.max(np.abs(exact)), (err_winograd, err_direct)
+
+
+def test_conv_same_fast_matches_xla_in_value_and_gradients(winograd):
     with jax.enable_x64(True):
         rng = np.random.default_rng(0)
         x = jnp.asarray(rng.standard_normal((2, 7, 6, 3)))
@@ -56,7 +94,7 @@ def _check_grads(fused, reference, args, rng):
         np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-11, err_msg=name)
 
 
-def test_bn_relu_conv_matches_plain_autodiff_with_per_group_statistics():
+def test_bn_relu_conv_matches_plain_autodiff_with_per_group_statistics(winograd):
     with jax.enable_x64(True):
         rng, z, scale, bias = _fused_case(2)
         kernel = jnp.asarray(rng.standard_normal((3, 3, 3, 4)))

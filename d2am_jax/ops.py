@@ -1,11 +1,12 @@
 """The network's layers with hand-written backward passes: the same maths as plain `lax`/`jnp`, run
 at GEMM speed by XLA:CPU and with one saved activation per convolution (BENCHMARKS.md).
 
-XLA:CPU lowers the gradients of a 3×3 convolution to slow generic kernels; here the input gradient is
-a forward convolution with the flipped kernel and the kernel gradient per-tap GEMMs over chunks of
-images. E's BatchNorm + ReLU are fused into the next convolution or max-pool (`bn_relu_conv`,
-`bn_relu_pool`), which recompute their activation in the backward pass. Only first derivatives pass
-through E and D; M, differentiated twice, uses `conv_same_im2col`.
+XLA:CPU lowers the gradients of a 3×3 convolution to slow generic kernels; here the forward and the
+input gradient (a forward convolution with the flipped kernel) run by Winograd F(2×2, 3×3), 2.25×
+fewer multiplies, and the kernel gradient as per-tap GEMMs over chunks of images. E's BatchNorm +
+ReLU are fused into the next convolution or max-pool (`bn_relu_conv`, `bn_relu_pool`), which
+recompute their activation chunk by chunk. Only first derivatives pass through E and D; M,
+differentiated twice, uses `conv_same_im2col`.
 """
 
 from functools import partial
@@ -86,6 +87,44 @@ def _winograd_input(t0, t1, t2, t3):
     return t0 - t2, t1 + t2, t2 - t1, t1 - t3
 
 
+def _winograd_tiles(x: jax.Array) -> jax.Array:
+    """[c, H, W, C] → Bᵀ d B of every 4×4 input tile (2×2 output tiles, SAME padding): [16, tiles, C]."""
+    c, h, w, cin = x.shape
+    th, tw = (h + 1) // 2, (w + 1) // 2
+    xp = jnp.pad(x, ((0, 0), (1, 2 * th + 1 - h), (1, 2 * tw + 1 - w), (0, 0)))
+    # Row r of every tile's 4×4 window is padded row 2·t + r: a stride-2 slice per r.
+    rows = [lax.slice(xp, (0, r, 0, 0), (c, r + 2 * th - 1, 2 * tw + 2, cin), (1, 2, 1, 1)) for r in range(4)]
+    v = []
+    for t in _winograd_input(*rows):
+        cols = [lax.slice(t, (0, 0, s, 0), (c, th, s + 2 * tw - 1, cin), (1, 1, 2, 1)) for s in range(4)]
+        v.extend(_winograd_input(*cols))
+    return jnp.stack(v).reshape(16, c * th * tw, cin)
+
+
+def _winograd_output(m: jax.Array, c: int, h: int, w: int) -> jax.Array:
+    """Aᵀ m A, Aᵀ = [[1, 1, 1, 0], [0, 1, −1, −1]]: [16, tiles, C] → the [c, H, W, C] output."""
+    th, tw = (h + 1) // 2, (w + 1) // 2
+    m = m.reshape(4, 4, c, th, tw, m.shape[-1])
+    rows = (m[0] + m[1] + m[2], m[1] - m[2] - m[3])
+    y = jnp.stack([jnp.stack((r[0] + r[1] + r[2], r[1] - r[2] - r[3]), axis=3) for r in rows], axis=2)
+    return y.reshape(c, 2 * th, 2 * tw, -1)[:, :h, :w]
+
+
+def _write_chunks(fn, x: jax.Array, chunk: int, out_shape) -> jax.Array:
+    """fn(i, chunk i of x) for every chunk of `chunk` images, written in place into one output."""
+    n = x.shape[0]
+
+    def body(i, out):
+        return lax.dynamic_update_slice_in_dim(out, fn(i, lax.dynamic_slice_in_dim(x, i * chunk, chunk)), i * chunk, 0)
+
+    # The output buffer's initial value is never read (every chunk overwrites its slice). It is made
+    # from this call's input, not as constant zeros: XLA merges identical constant broadcasts across
+    # loops, which keeps one alive from the forward pass into the backward pass and forces copies
+    # (BENCHMARKS.md).
+    init = jnp.broadcast_to(x[0, 0, 0, 0] * 0, out_shape)
+    return lax.fori_loop(0, n // chunk, body, init)
+
+
 def conv_same_winograd(x: jax.Array, kernel: jax.Array, prologue=None, chunk: int | None = None) -> jax.Array:
     """`conv_same` for a 3×3 kernel by Winograd F(2×2, 3×3), over chunks of `chunk` images.
 
@@ -97,39 +136,17 @@ def conv_same_winograd(x: jax.Array, kernel: jax.Array, prologue=None, chunk: in
         raise ValueError(f"conv_same_winograd: 3×3 kernels only, got {kernel.shape[:2]}")
     n, h, w, cin = x.shape
     cout = kernel.shape[-1]
-    th, tw = (h + 1) // 2, (w + 1) // 2          # 2×2 output tiles
     chunk = chunk or winograd_chunk(n, h, w)
     g = jnp.asarray(_WINOGRAD_G, kernel.dtype)
-    u = jnp.einsum("ai,ijco,bj->abco", g, kernel, g).reshape(16, cin, cout)
+    u = jnp.einsum("ai,ijco,bj->abco", g, kernel, g).reshape(16, cin, cout)     # G g Gᵀ
 
     def tiles(i, xc):
         if prologue is not None:
             xc = prologue(xc, i)
-        c = xc.shape[0]
-        xp = jnp.pad(xc, ((0, 0), (1, 2 * th + 1 - h), (1, 2 * tw + 1 - w), (0, 0)))
-        # Row r of every tile's 4×4 window is padded row 2·t + r: a stride-2 slice per r.
-        rows = [lax.slice(xp, (0, r, 0, 0), (c, r + 2 * th - 1, 2 * tw + 2, cin), (1, 2, 1, 1)) for r in range(4)]
-        v = []
-        for t in _winograd_input(*rows):
-            cols = [lax.slice(t, (0, 0, s, 0), (c, th, s + 2 * tw - 1, cin), (1, 1, 2, 1)) for s in range(4)]
-            v.extend(_winograd_input(*cols))
-        v = jnp.stack(v).reshape(16, c * th * tw, cin)
-        m = lax.dot_general(v, u, (((2,), (1,)), ((0,), (0,)))).reshape(4, 4, c, th, tw, cout)
-        # Aᵀ m A with Aᵀ = [[1, 1, 1, 0], [0, 1, −1, −1]], rows then columns; interleave the 2×2 tiles.
-        rows = (m[0] + m[1] + m[2], m[1] - m[2] - m[3])
-        y = jnp.stack([jnp.stack((r[0] + r[1] + r[2], r[1] - r[2] - r[3]), axis=3) for r in rows], axis=2)
-        return y.reshape(c, 2 * th, 2 * tw, cout)[:, :h, :w]
+        m = lax.dot_general(_winograd_tiles(xc), u, (((2,), (1,)), ((0,), (0,))))
+        return _winograd_output(m, xc.shape[0], h, w)
 
-    def body(i, out):
-        xc = lax.dynamic_slice_in_dim(x, i * chunk, chunk)
-        return lax.dynamic_update_slice_in_dim(out, tiles(i, xc), i * chunk, 0)
-
-    # The output buffer's initial value is never read (every chunk overwrites its slice). It is made
-    # from this call's input, not as constant zeros: XLA merges identical constant broadcasts across
-    # loops, which keeps one alive from the forward pass into the backward pass and forces copies
-    # (BENCHMARKS.md).
-    init = jnp.broadcast_to(lax.convert_element_type(x[0, 0, 0, 0] * 0, x.dtype), (n, h, w, cout))
-    return lax.fori_loop(0, n // chunk, body, init)
+    return _write_chunks(tiles, x, chunk, (n, h, w, cout))
 
 
 # Fewer input channels than this: the transforms outweigh the saved multiplies (E's 6-channel
@@ -288,7 +305,8 @@ def _forward_stats(z, eps, groups):
 def bn_relu_conv(z, scale, bias, kernel, eps: float, groups: int):
     """conv(relu(BN_train(z)), kernel), SAME, stride 1 → (output, mean_G μ, mean_G var).
 
-    Saves z, not the activation: the backward pass recomputes it (see the section comment).
+    Saves z, not the activation, which the Winograd forward and the kernel gradient make chunk by
+    chunk (see the section comment).
     """
     return _bn_relu_conv_fwd(z, scale, bias, kernel, eps, groups)[0]
 

@@ -73,7 +73,8 @@ def _kernel_grad(x: jax.Array, g: jax.Array, kh: int, kw: int, prologue=None, ch
 _WINOGRAD_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
 
 # Tiles per step of the Winograd loop (4 images at 64×64): the GEMMs keep thousands of rows while
-# the 4×-sized transformed tiles stay ~100 MB temporaries (BENCHMARKS.md: 4 images beat 2 and 8).
+# the 4×-sized transformed tiles stay ~100 MB temporaries (BENCHMARKS.md: at 64×64, 2, 4 or 8
+# images per step are within 6 % of each other; all 96 at once is 1.8× slower).
 WINOGRAD_TILES = 4096
 
 
@@ -174,7 +175,8 @@ def _input_grad(kernel: jax.Array, g: jax.Array) -> jax.Array:
 
 @jax.custom_vjp
 def conv_same_fast(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """`conv_same` by Winograd (3×3), whose backward is again Winograd convolutions and GEMMs."""
+    """`conv_same` (by Winograd where `use_winograd`); backward: the input gradient the same way,
+    the kernel gradient per-tap GEMMs."""
     return _conv_fast(x, kernel)
 
 

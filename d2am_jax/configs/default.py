@@ -15,7 +15,9 @@ def get_model_config() -> ml_collections.ConfigDict:
     m.adaptation_dim = 512         # size of the adaptation layer h (Eq. 9)
     m.bn_momentum = 0.9            # running statistics for evaluation (training uses batch stats)
     m.bn_epsilon = 1e-5
-    m.fast_conv_grad = True        # fused, GEMM-based backward passes (ops.py; same maths, faster on CPU)
+    # Fused BatchNorm units, Winograd convolutions, GEMM-based backward passes (ops.py; same maths,
+    # faster on CPU). False: plain jnp with XLA's own convolutions and derivatives.
+    m.fast_conv_grad = True
     return m
 
 

@@ -4,7 +4,8 @@
 
 Traces one step after warm-up with `jax.profiler` (Perfetto JSON), then sums the duration of the
 executable's thunks by the HLO op name's kind (e.g. `ynn_fusion`, `dot`, `pad_slice_fusion`) and
-prints the top kinds and the largest single ops as JSON lines.
+prints the top kinds and the largest single ops as JSON lines; asynchronous thunks (Eigen dots) are
+reported by their start-to-completion spans and by the time no thunk's own span covers.
 """
 
 import argparse
@@ -65,6 +66,16 @@ def main():
     by_kind, by_op = collections.Counter(), collections.Counter()
     wall = max((e["dur"] for e in events if e.get("name") == "ThunkExecutor::Execute (wait for completion)"),
                default=0) / 1e6
+    # Some thunks run asynchronously (the dots XLA leaves to Eigen, large elementwise loops): their
+    # own span covers only the dispatch, and a separate "end: NAME" event marks completion. Their
+    # start-to-end spans are summed apart ("async_span_s"; they include waiting for the thread pool
+    # and overlap each other), and the time during which no thunk's own span is running
+    # ("outside_spans_s") is where that asynchronous work runs alone.
+    ends = collections.defaultdict(list)
+    for e in events:
+        if e.get("ph") == "X" and e.get("name", "").startswith("end: "):
+            ends[e["name"][5:]].append(e["ts"] + e.get("dur", 0))
+    starts, spans = collections.defaultdict(list), []
     for e in events:
         if e.get("ph") != "X" or "dur" not in e:
             continue
@@ -75,9 +86,26 @@ def main():
             continue
         by_kind[kind(name)] += e["dur"] / 1e6
         by_op[name] += e["dur"] / 1e6
+        starts[name].append(e["ts"])
+        spans.append((e["ts"], e["ts"] + e["dur"]))
+    async_span = collections.Counter()
+    for name, done in ends.items():
+        begun = sorted(starts.get(name, []))
+        if len(begun) == len(done):
+            async_span[kind(name)] += sum(b - a for a, b in zip(begun, sorted(done))) / 1e6
+    covered, reach = 0.0, None
+    for a, b in sorted(spans):
+        if reach is None or a > reach:
+            covered, reach = covered + (b - a), b
+        elif b > reach:
+            covered, reach = covered + (b - reach), b
+    first = min((a for a, _ in spans), default=0)
+    outside = (max((b for _, b in spans), default=0) - first - covered) / 1e6
     total = sum(by_kind.values())
     # XLA:CPU runs independent thunks concurrently, so the op total can exceed the step's wall time.
-    print(json.dumps({"step_wall_s": round(wall, 3), "total_op_s": round(total, 3), "trace": path}))
+    print(json.dumps({"step_wall_s": round(wall, 3), "total_op_s": round(total, 3),
+                      "outside_spans_s": round(outside, 3), "trace": path}))
+    print(json.dumps({"async_span_s": {k: round(v, 2) for k, v in async_span.most_common(8)}}))
     for name, s in by_kind.most_common(args.top):
         print(json.dumps({"kind": name, "s": round(s, 3), "share": round(s / total, 3)}))
     for name, s in by_op.most_common(args.top):

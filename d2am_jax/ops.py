@@ -138,6 +138,8 @@ def conv_same_winograd(x: jax.Array, kernel: jax.Array, prologue=None, chunk: in
     n, h, w, cin = x.shape
     cout = kernel.shape[-1]
     chunk = chunk or winograd_chunk(n, h, w)
+    if n % chunk:   # the loop writes whole chunks: a remainder would be left unwritten
+        raise ValueError(f"conv_same_winograd: chunk={chunk} does not divide the batch of {n} images")
     g = jnp.asarray(_WINOGRAD_G, kernel.dtype)
     u = jnp.einsum("ai,ijco,bj->abco", g, kernel, g).reshape(16, cin, cout)     # G g Gᵀ
 

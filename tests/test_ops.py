@@ -31,6 +31,8 @@ def test_winograd_conv_matches_direct_conv_for_odd_sizes_chunks_and_prologue():
             scaled = x * jnp.repeat(jnp.arange(1, shape[0] // 2 + 1), 2)[:, None, None, None]
             out = ops.conv_same_winograd(x, w, prologue=lambda xc, i: xc * (i + 1), chunk=2)
             np.testing.assert_allclose(out, ops.conv_same(scaled, w), rtol=1e-12, atol=1e-12)
+        with pytest.raises(ValueError, match="chunk=4 does not divide the batch of 6"):
+            ops.conv_same_winograd(jnp.zeros((6, 4, 4, 2)), jnp.zeros((3, 3, 2, 2)), chunk=4)
 
 
 def test_winograd_conv_in_float32_is_as_accurate_as_a_direct_conv():

@@ -2,11 +2,12 @@
 and the best one (by a source-validation metric) under <workdir>/best.
 
 Each checkpoint holds three items: 'state' (the TrainState: params, BatchNorm statistics, Adam
-state, step, root key), 'domains' (pseudo_domain [n] and the statistics bank [n, d] of the epoch
-being trained) and 'meta' (JSON: epoch and step position, result records, log line count, the
-resolved config). Saves are synchronous, so a state about to be donated to the next step is never
-read while it is written. Orbax writes into a temporary directory and renames it when complete;
-a directory left half-written by a killed process is never taken as a checkpoint (see `steps`).
+state, step, root key), 'domains' (pseudo_domain [n]: the labels of the epoch being trained, and the
+previous labels that the next assignment aligns to) and 'meta' (JSON: the config and the run's
+record, `train.RunState`). Saves are synchronous, so a state about to be donated to the next step
+is never read while it is written. Orbax writes into a temporary directory and renames it when
+complete; a directory left half-written by a killed process is never taken as a checkpoint (see
+`finalized_steps`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from d2am_jax.errors import MissingFileError
 
 log = logging.getLogger(__name__)
 
@@ -33,16 +36,19 @@ class Restored:
     step: int
     state: Any
     pseudo_domain: np.ndarray
-    bank: np.ndarray
     meta: dict
 
 
 def _manager(directory: str, keep: int) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=True, enable_async_checkpointing=False,
-        cleanup_tmp_directories=True)
-    return ocp.CheckpointManager(directory, options=options,
-                                 item_names=("state", "domains", "meta"))
+        max_to_keep=keep,
+        create=True,
+        enable_async_checkpointing=False,
+        cleanup_tmp_directories=True,
+    )
+    return ocp.CheckpointManager(
+        directory, options=options, item_names=("state", "domains", "meta")
+    )
 
 
 def finalized_steps(directory: str) -> list[int]:
@@ -61,9 +67,11 @@ def finalized_steps(directory: str) -> list[int]:
                 log.warning("ignoring the half-written checkpoint directory %s", path)
             continue
         if not ocp.step.is_path_finalized(path) or not os.path.exists(
-                os.path.join(path, "_CHECKPOINT_METADATA")):
-            log.warning("ignoring the incomplete checkpoint directory %s (no completion marker)",
-                        path)
+            os.path.join(path, "_CHECKPOINT_METADATA")
+        ):
+            log.warning(
+                "ignoring the incomplete checkpoint directory %s (no completion marker)", path
+            )
             continue
         steps.append(int(name))
     return sorted(steps)
@@ -73,8 +81,6 @@ class Checkpointer:
     """Saves and restores D²AM runs in a workdir (keep: how many recent checkpoints stay)."""
 
     def __init__(self, workdir: str, keep: int):
-        if keep < 1:
-            raise ValueError(f"checkpoint.keep must be ≥ 1, got {keep}")
         self.workdir = workdir
         self.latest_dir = os.path.join(os.path.abspath(workdir), LATEST_DIR)
         self.best_dir = os.path.join(os.path.abspath(workdir), BEST_DIR)
@@ -100,13 +106,15 @@ class Checkpointer:
                     target = f"{path}.incomplete{suffix}"
                 os.rename(path, target)
 
-    def save(self, step: int, state, pseudo_domain: np.ndarray, bank: np.ndarray, meta: dict,
-             *, best: bool = False) -> None:
+    def save(
+        self, step: int, state, pseudo_domain: np.ndarray, meta: dict, *, best: bool = False
+    ) -> None:
         """Writes checkpoint `step` (and, with best=True, also replaces the best one)."""
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
-            domains=ocp.args.StandardSave(_domains_tree(pseudo_domain, bank)),
-            meta=ocp.args.JsonSave(meta))
+            domains=ocp.args.StandardSave({"pseudo_domain": np.asarray(pseudo_domain, np.int32)}),
+            meta=ocp.args.JsonSave(meta),
+        )
         managers = [self._latest] + ([self._best] if best else [])
         for manager in managers:
             if step in manager.all_steps():
@@ -125,29 +133,31 @@ class Checkpointer:
     def restore(self, state_target, *, which: str = "latest", step: int | None = None) -> Restored:
         """The checkpoint `step` (default: the newest complete one) of 'latest' or 'best'.
 
-        state_target: a TrainState of the right structure (e.g. `meta.init_state`), or None.
+        state_target: a TrainState of the right structure (e.g. `state.init_state`), or None.
         """
         manager = {"latest": self._latest, "best": self._best}[which]
         directory = {"latest": self.latest_dir, "best": self.best_dir}[which]
         if step is None:
             steps = finalized_steps(directory)
             if not steps:
-                raise FileNotFoundError(f"no complete checkpoint in {directory}")
+                raise MissingFileError(f"no complete checkpoint in {directory}")
             step = steps[-1]
         # Without a target the state comes back as nested dicts of arrays (enough to predict).
         abstract = None if state_target is None else _abstract(state_target)
-        out = manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract),
-            domains=ocp.args.StandardRestore(),
-            meta=ocp.args.JsonRestore()))
-        domains = out["domains"]
-        shape = tuple(int(v) for v in np.asarray(domains["bank_shape"]))
-        bank = np.asarray(domains["bank"], np.float32)
-        bank = bank.reshape(shape) if bank.size == int(np.prod(shape)) else np.zeros(shape,
-                                                                                     np.float32)
-        return Restored(step=int(step), state=out["state"],
-                        pseudo_domain=np.asarray(domains["pseudo_domain"], np.int32),
-                        bank=bank, meta=dict(out["meta"]))
+        out = manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract),
+                domains=ocp.args.StandardRestore(),
+                meta=ocp.args.JsonRestore(),
+            ),
+        )
+        return Restored(
+            step=int(step),
+            state=out["state"],
+            pseudo_domain=np.asarray(out["domains"]["pseudo_domain"], np.int32),
+            meta=dict(out["meta"]),
+        )
 
     def read_meta(self, which: str = "best") -> tuple[int, dict]:
         """(step, meta JSON) of the newest complete checkpoint of 'best' (or 'latest'), without
@@ -156,21 +166,13 @@ class Checkpointer:
         directory = {"latest": self.latest_dir, "best": self.best_dir}[which]
         steps = finalized_steps(directory)
         if not steps:
-            raise FileNotFoundError(f"no complete checkpoint in {directory}")
+            raise MissingFileError(f"no complete checkpoint in {directory}")
         out = manager.restore(steps[-1], args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         return steps[-1], dict(out["meta"])
 
     def close(self) -> None:
         self._latest.close()
         self._best.close()
-
-
-def _domains_tree(pseudo_domain: np.ndarray, bank: np.ndarray) -> dict:
-    bank = np.asarray(bank, np.float32)
-    # A flat, never-empty array plus its shape: zero-size arrays do not round-trip everywhere.
-    flat = bank.reshape(-1) if bank.size else np.zeros(1, np.float32)
-    return {"pseudo_domain": np.asarray(pseudo_domain, np.int32), "bank": flat,
-            "bank_shape": np.asarray(bank.shape if bank.size else (0, 0), np.int64)}
 
 
 def _abstract(tree):

@@ -4,33 +4,36 @@ Adam step per batch — no inner step, no meta-train/meta-test split, no pseudo 
 Loss: L_cls (Eq. 8) + λ_m L_MMD (Eq. 9) + L_dep (Eq. 10) + λ_p L_p (Eq. 7), all on the same batch.
 """
 
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from d2am_jax import losses, meta, models, runtime
+from d2am_jax import losses, models
+from d2am_jax import state as state_lib
+from d2am_jax.data.dataset import depth_size
+from d2am_jax.errors import UserError
 
 
 def validate_batch(batch: Mapping, config) -> None:
     """Shape checks before tracing: 'x' [N, r, r, 6], 'y' [N], 'depth' [N, g, g] (or with a
     leading axis of 1, as `MetaBatchSampler.pooled_batch` returns)."""
     r = config.data.resolution
-    g = meta.depth_size(r)
+    g = depth_size(r)
     for key in ("x", "y", "depth"):
         if key not in batch:
-            raise ValueError(f"ERM batch: missing field '{key}' (expected x, y, depth)")
+            raise UserError(f"ERM batch: missing field '{key}' (expected x, y, depth)")
     x, y, d = (np.shape(batch[key]) for key in ("x", "y", "depth"))
     if len(x) != 4 or x[1:] != (r, r, models.INPUT_CHANNELS) or x[0] < 2:
-        raise ValueError(f"ERM batch field 'x' has shape {tuple(x)}; expected [N ≥ 2, {r}, {r}, "
+        raise UserError(f"ERM batch field 'x' has shape {tuple(x)}; expected [N ≥ 2, {r}, {r}, "
                          f"{models.INPUT_CHANNELS}] (data.resolution={r}, RGB+HSV)")
     n = x[0]
     if tuple(y) != (n,):
-        raise ValueError(f"ERM batch field 'y' has shape {tuple(y)}; expected [{n}]")
+        raise UserError(f"ERM batch field 'y' has shape {tuple(y)}; expected [{n}]")
     if tuple(d) != (n, g, g):
-        raise ValueError(f"ERM batch field 'depth' has shape {tuple(d)}; expected {(n, g, g)}")
+        raise UserError(f"ERM batch field 'depth' has shape {tuple(d)}; expected {(n, g, g)}")
 
 
 def flat_batch(batch: Mapping) -> dict:
@@ -76,32 +79,28 @@ def make_loss(config) -> Callable:
 
 
 def make_erm_step(config) -> Callable:
-    """`erm_step(state, batch) -> (state, metrics)`: jitted once, state donated; same TrainState
-    and outer optimizer (Adam(β), `meta.outer_optimizer`) as the meta-step."""
+    """`erm_step(state, batch) -> (state, metrics)`: jitted once, state donated; the same
+    TrainState and outer optimizer (Adam(β)) as the meta-step."""
     loss = make_loss(config)
-    tx = meta.outer_optimizer(config.meta)
-    traces = {"count": 0}
+    tx = state_lib.outer_optimizer(config.meta)
 
-    def step(state: meta.TrainState, batch):
-        traces["count"] += 1          # Python side effect: runs once per trace, never per call
+    def step(state: state_lib.TrainState, batch):
         key = jax.random.fold_in(state.rng, state.step)
         (_, (new_stats, metrics)), grads = jax.value_and_grad(loss, has_aux=True)(
             state.params, state.batch_stats, batch, key)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        for name in ("E", "D", "M"):
-            metrics[f"grad_norm/{name}"] = optax.tree.norm(grads[name])
-        metrics["grad_norm/total"] = optax.tree.norm(grads)
+        metrics.update(state_lib.gradient_norms(grads))
         return state.replace(step=state.step + 1, params=params, batch_stats=new_stats,
                              opt_state=opt_state), metrics
 
-    jitted = jax.jit(step, donate_argnums=(0,), compiler_options=runtime.training_compiler_options())
+    jitted = state_lib.jit_step(step, donate_state=True, training=True)
 
-    def erm_step(state: meta.TrainState, batch):
+    def erm_step(state: state_lib.TrainState, batch):
         batch = flat_batch(batch)
         validate_batch(batch, config)
         return jitted(state, batch)
 
-    erm_step.trace_count = lambda: traces["count"]
+    erm_step.trace_count = jitted.trace_count
     erm_step.jitted = jitted
     return erm_step

@@ -1,10 +1,11 @@
-"""D²AM's loss terms as pure functions of arrays: L_cls (Eq. 8), L_MMD (Eq. 9), L_dep (Eq. 10), L_p (Eq. 7).
+"""D²AM's loss terms as pure functions of arrays: L_cls (Eq. 8), L_MMD (Eq. 9), L_dep (Eq. 10),
+L_p (Eq. 7).
 
 Each returns a scalar mean over the batch (the paper writes sums; means keep α and β independent of
 the batch size).
 """
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +29,9 @@ def mmd_to_prior(h: jax.Array, prior_samples: jax.Array, bandwidths: Sequence[fl
     distance scale √d of d-dimensional unit-variance vectors.
     """
     if h.shape != prior_samples.shape:
-        raise ValueError(f"mmd_to_prior: h {h.shape} and prior samples {prior_samples.shape} differ")
+        raise ValueError(
+            f"mmd_to_prior: h {h.shape} and prior samples {prior_samples.shape} differ"
+        )
     d = h.shape[-1]
     both = jnp.concatenate([h, prior_samples], axis=0)
     sq = _pairwise_sq_dists(both, both)

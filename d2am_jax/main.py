@@ -2,6 +2,9 @@
 (locked: a misspelled --config.FIELD fails with its name) and runs `train.train_and_evaluate`.
 
   python -m d2am_jax.main --config d2am_jax/configs/synthetic.py --workdir DIR [--config.F=V ...]
+
+A mistake in the user's config, data or files (`errors.UserError`) or a non-finite loss prints one
+line; anything else is a bug and keeps its traceback.
 """
 
 import json
@@ -11,7 +14,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from d2am_jax import train
+from d2am_jax import errors, logs, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (d2am_jax/configs/*.py).",
@@ -29,7 +32,7 @@ def main(argv):
     std_logging.getLogger("d2am_jax").setLevel(std_logging.INFO)
     try:
         summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    except (train.NonFiniteLossError, ValueError, FileNotFoundError) as e:
+    except (errors.UserError, logs.NonFiniteLossError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     status = "preempted (SIGTERM): checkpoint saved" if summary["preempted"] else "done"

@@ -5,102 +5,47 @@ Inner step: one `optax.sgd(α)` update of θ_M per meta-train domain; outer step
 (second order) or with the inner gradient held constant (first order).
 """
 
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from d2am_jax import losses, models, runtime
+from d2am_jax import losses, models
+from d2am_jax import state as state_lib
+from d2am_jax.data.dataset import depth_size
+from d2am_jax.errors import UserError
 
 Batch = Mapping[str, jax.Array]
 
 
-@flax.struct.dataclass
-class TrainState:
-    step: jax.Array            # outer steps taken
-    params: Any                # {'E': ..., 'D': ..., 'M': ...}
-    batch_stats: Any           # running BatchNorm statistics, same keys
-    opt_state: Any             # outer optax state
-    rng: jax.Array             # root key; step keys are fold_in(rng, step)
-
-
-def outer_optimizer(meta_config) -> optax.GradientTransformation:
-    """Adam(β) on all parameters (Eq. 11–13)."""
-    if meta_config.weight_decay:
-        return optax.adamw(meta_config.outer_lr, weight_decay=meta_config.weight_decay)
-    return optax.adam(meta_config.outer_lr)
-
-
-def init_state(config, rng: jax.Array, batch_size: int = 2) -> TrainState:
-    """Fresh parameters for E, D and M at the config's resolution, and the outer optimizer state.
-
-    Jitted: run eagerly, flax's init would dispatch (and compile) every primitive one by one.
-    """
-    E, D, M = models.build_modules(config.model)
-    r = config.data.resolution
-    tx = outer_optimizer(config.meta)
-
-    @jax.jit
-    def init(rng):
-        k_e, k_d, k_m, k_root = jax.random.split(rng, 4)
-        x = jnp.zeros((batch_size, r, r, models.INPUT_CHANNELS), jnp.float32)
-        vars_e = E.init(k_e, x, True)
-        feat, blocks, _ = E.apply(vars_e, x, True, mutable=["batch_stats"])[0]
-        vars_d = D.init(k_d, blocks, True)
-        vars_m = M.init(k_m, feat, True)
-        params = {"E": vars_e["params"], "D": vars_d["params"], "M": vars_m["params"]}
-        stats = {"E": vars_e["batch_stats"], "D": vars_d["batch_stats"], "M": vars_m["batch_stats"]}
-        return TrainState(jnp.zeros((), jnp.int32), params, stats, tx.init(params), k_root)
-
-    return init(rng)
-
-
 def validate_batch(batch: Batch, config) -> None:
-    """Shape checks before tracing, so that bad input fails with the field's name, not in XLA."""
-    k = config.meta.num_domains
+    """Shape checks before tracing, so that bad input fails with the field's name, not in XLA:
+    x [K ≥ 2, B ≥ 2, r, r, 6], y [K, B], depth [K, B, g, g] (r = data.resolution, g its depth grid).
+    """
     r = config.data.resolution
-    if k < 2:
-        raise ValueError(f"meta.num_domains (K) must be ≥ 2 (K-1 meta-train + 1 meta-test), got {k}")
     for key in ("x", "y", "depth"):
         if key not in batch:
-            raise ValueError(f"meta batch: missing field '{key}' (expected x, y, depth)")
+            raise UserError(f"meta batch: missing field '{key}' (expected x, y, depth)")
     x, y, d = (np.shape(batch[key]) for key in ("x", "y", "depth"))
-    expect_x = f"[K={k}, B, {r}, {r}, {models.INPUT_CHANNELS}] (data.resolution={r}, RGB+HSV)"
-    if len(x) != 5 or x[0] != k or x[2:4] != (r, r) or x[4] != models.INPUT_CHANNELS:
-        raise ValueError(f"meta batch field 'x' has shape {tuple(x)}; expected {expect_x}")
-    b = x[1]
-    if b < 2:
-        raise ValueError(f"meta batch: per-domain batch must be ≥ 2 (live and spoof), got {b}")
+    expect_x = f"[K ≥ 2, B ≥ 2, {r}, {r}, {models.INPUT_CHANNELS}] (data.resolution={r}, RGB+HSV)"
+    if len(x) != 5 or x[0] < 2 or x[1] < 2 or x[2:4] != (r, r) or x[4] != models.INPUT_CHANNELS:
+        raise UserError(
+            f"meta batch field 'x' has shape {tuple(x)}; expected {expect_x}: K-1 "
+            f"meta-train domains and one meta-test domain, live and spoof in each"
+        )
+    k, b = x[:2]
     if tuple(y) != (k, b):
-        raise ValueError(f"meta batch field 'y' has shape {tuple(y)}; expected [K, B] = {(k, b)}")
+        raise UserError(f"meta batch field 'y' has shape {tuple(y)}; expected [K, B] = {(k, b)}")
     g = depth_size(r)
     if tuple(d) != (k, b, g, g):
-        raise ValueError(f"meta batch field 'depth' has shape {tuple(d)}; expected {(k, b, g, g)}")
-
-
-def depth_size(resolution: int) -> int:
-    """The depth map's grid: three stride-2 pools."""
-    size = resolution
-    for _ in range(3):
-        size = (size + 1) // 2
-    return size
-
-
-def stack_domains(meta_train: list[Batch], meta_test: Batch) -> dict[str, np.ndarray]:
-    """K-1 meta-train batches and one meta-test batch → the stacked [K, B, ...] layout (test last)."""
-    batches = list(meta_train) + [meta_test]
-    names = [f"meta_train[{i}]" for i in range(len(meta_train))] + ["meta_test"]
-    sizes = {n: np.shape(b["x"])[0] for n, b in zip(names, batches)}
-    if len(set(sizes.values())) != 1:
-        raise ValueError(f"all domain batches must have the same size; got {sizes}")
-    return {key: np.stack([np.asarray(b[key]) for b in batches]) for key in ("x", "y", "depth")}
+        raise UserError(f"meta batch field 'depth' has shape {tuple(d)}; expected {(k, b, g, g)}")
 
 
 def make_objective(config) -> Callable:
-    """J(params, batch_stats, batch, key, second_order, inner_lr=None) → (J, aux): Eq. 11–13's total.
+    """J(params, batch_stats, batch, key, second_order, inner_lr=None) → (J, aux): Eq. 11–13's
+    total.
 
     Terms that do not depend on a module give it no gradient, so ∇J gives exactly Eq. 11 (θ_M),
     12 (θ_E) and 13 (θ_D). `inner_lr` (α) defaults to the config's; passing it as an array lets a
@@ -133,17 +78,23 @@ def make_objective(config) -> Callable:
         # operands than a vmap over domains, and the fused units of `ops` apply directly.
         b = x.shape[1]
         (feat, blocks, drlm), new_e = E.apply(
-            {"params": params["E"], "batch_stats": batch_stats["E"]}, x.reshape(k * b, *x.shape[2:]), True,
-            groups=k, mutable=["batch_stats"],
+            {"params": params["E"], "batch_stats": batch_stats["E"]},
+            x.reshape(k * b, *x.shape[2:]),
+            True,
+            groups=k,
+            mutable=["batch_stats"],
         )
         depth_pred, new_d = D.apply(
-            {"params": params["D"], "batch_stats": batch_stats["D"]}, blocks, True, groups=k,
+            {"params": params["D"], "batch_stats": batch_stats["D"]},
+            blocks,
+            True,
+            groups=k,
             mutable=["batch_stats"],
         )
         per_domain = lambda a: a.reshape(k, b, *a.shape[1:])
         feat, depth_pred = per_domain(feat), per_domain(depth_pred)
         p_logits = [per_domain(s["p_logit"]) for s in drlm]
-        l_dep = jnp.sum(jax.vmap(losses.depth)(depth_pred, depth))        # Σ over all K batches
+        l_dep = jnp.sum(jax.vmap(losses.depth)(depth_pred, depth))  # Σ over all K batches
         train_p_logits = [p[: k - 1] for p in p_logits]
         l_p = jnp.sum(jax.vmap(lambda *ps: losses.domain_entropy(ps))(*train_p_logits))
 
@@ -154,9 +105,9 @@ def make_objective(config) -> Callable:
             grad_fn = jax.value_and_grad(m_loss, has_aux=True)
             (loss_i, aux_i), g = grad_fn(params["M"], batch_stats["M"], feat_i, y_i, keys_i[0])
             if not second_order:
-                g = jax.lax.stop_gradient(g)          # first-order approximation
+                g = jax.lax.stop_gradient(g)  # first-order approximation
             updates, _ = inner_tx.update(g, inner_tx.init(params["M"]), params["M"])
-            params_m_i = optax.apply_updates(params["M"], updates)     # θ_M'_i
+            params_m_i = optax.apply_updates(params["M"], updates)  # θ_M'_i
             loss_t, aux_t = m_loss(params_m_i, batch_stats["M"], feat_t, y_t, keys_i[1])
             return loss_i, aux_i, loss_t, aux_t
 
@@ -186,14 +137,9 @@ def make_objective(config) -> Callable:
     return objective
 
 
-def _global_norm(tree) -> jax.Array:
-    # Written out: optax renamed its helper across the versions requirements.txt admits.
-    return jnp.sqrt(sum(jnp.vdot(x, x) for x in jax.tree.leaves(tree)))
-
-
 def _cosine(a, b) -> jax.Array:
     dot = sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
-    return dot / (_global_norm(a) * _global_norm(b) + 1e-30)
+    return dot / (state_lib.global_norm(a) * state_lib.global_norm(b) + 1e-30)
 
 
 def make_meta_step(config) -> Callable:
@@ -201,52 +147,39 @@ def make_meta_step(config) -> Callable:
 
     `second_order` is static (each value compiles once). With `config.meta.grad_cosine` the
     metrics also hold the cosine between this step's first- and second-order meta-gradients.
+    The batch is checked (`validate_batch`) before it reaches the compiled step.
     """
     objective = make_objective(config)
-    tx = outer_optimizer(config.meta)
+    tx = state_lib.outer_optimizer(config.meta)
     want_cosine = bool(config.meta.grad_cosine)
-    traces = {"count": 0}
 
-    def step(state: TrainState, batch: Batch, second_order: bool):
-        traces["count"] += 1          # Python side effect: runs once per trace, never per call
+    def step(state: state_lib.TrainState, batch: Batch, second_order: bool):
         key = jax.random.fold_in(state.rng, state.step)
         grad_fn = jax.value_and_grad(objective, has_aux=True)
-        (_, (new_stats, metrics)), grads = grad_fn(state.params, state.batch_stats, batch, key, second_order)
+        (_, (new_stats, metrics)), grads = grad_fn(
+            state.params, state.batch_stats, batch, key, second_order
+        )
         if want_cosine:
-            other = jax.grad(lambda p: objective(p, state.batch_stats, batch, key, not second_order)[0])(
-                state.params
-            )
+            other = jax.grad(
+                lambda p: objective(p, state.batch_stats, batch, key, not second_order)[0]
+            )(state.params)
             metrics["grad_cosine_first_second"] = _cosine(grads, other)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        for name in ("E", "D", "M"):
-            metrics[f"grad_norm/{name}"] = _global_norm(grads[name])
-        metrics["grad_norm/total"] = _global_norm(grads)
+        metrics.update(state_lib.gradient_norms(grads))
         new_state = state.replace(
             step=state.step + 1, params=params, batch_stats=new_stats, opt_state=opt_state
         )
         return new_state, metrics
 
-    jitted = jax.jit(step, static_argnames=("second_order",), donate_argnums=(0,),
-                     compiler_options=runtime.training_compiler_options())
+    jitted = state_lib.jit_step(
+        step, static_argnames=("second_order",), donate_state=True, training=True
+    )
 
-    def meta_step(state: TrainState, batch: Batch, *, second_order: bool):
+    def meta_step(state: state_lib.TrainState, batch: Batch, *, second_order: bool):
         validate_batch(batch, config)
         return jitted(state, batch, second_order=bool(second_order))
 
-    meta_step.trace_count = lambda: traces["count"]
+    meta_step.trace_count = jitted.trace_count
     meta_step.jitted = jitted
     return meta_step
-
-
-def make_predict(config) -> Callable:
-    """`predict(params, batch_stats, x[B, H, W, 6]) -> live probability [B]` with running BN stats."""
-    E, _, M = models.build_modules(config.model)
-
-    @jax.jit
-    def predict(params, batch_stats, x):
-        feat = E.apply({"params": params["E"], "batch_stats": batch_stats["E"]}, x, False)[0]
-        logit, _ = M.apply({"params": params["M"], "batch_stats": batch_stats["M"]}, feat, False)
-        return jax.nn.sigmoid(logit)
-
-    return predict

@@ -1,16 +1,18 @@
-"""The D²AM network in flax.linen: feature extractor E with three DRLMs, depth estimator D, meta-learner M.
+"""The D²AM network in flax.linen: feature extractor E with three DRLMs, depth estimator D and
+meta-learner M.
 
 Layer table after RFM (conv 64; three blocks of conv 128→196→128 + max-pool, each followed by a
 DRLM, Eq. 4–7); D regresses a depth map from the three blocks; M ends in the adaptation layer h.
 """
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from d2am_jax import ops
+from d2am_jax import ops, runtime
 
 INPUT_CHANNELS = 6  # RGB + HSV
 
@@ -42,7 +44,10 @@ class Conv3x3(nn.Module):
     @nn.compact
     def __call__(self, x):
         kernel = self.param(
-            "kernel", nn.initializers.kaiming_normal(), (3, 3, x.shape[-1], self.features), jnp.float32
+            "kernel",
+            nn.initializers.kaiming_normal(),
+            (3, 3, x.shape[-1], self.features),
+            jnp.float32,
         )
         kernel = kernel.astype(x.dtype)
         return _CONV_IMPL[self.impl](x, kernel)
@@ -60,7 +65,9 @@ class ConvBNReLU(nn.Module):
         # Training uses batch statistics (per domain batch, see meta.py); evaluation uses the
         # running averages that the outer step accumulates from those batch statistics.
         x = nn.BatchNorm(
-            use_running_average=not train, momentum=self.momentum, epsilon=self.epsilon,
+            use_running_average=not train,
+            momentum=self.momentum,
+            epsilon=self.epsilon,
             param_dtype=jnp.float32,
         )(x)
         return nn.relu(x)
@@ -94,12 +101,16 @@ class DRLM(nn.Module):
     def __call__(self, f):
         c = f.shape[-1]
         pooled = jnp.mean(f, axis=(1, 2))
-        hidden = nn.relu(nn.Dense(max(1, c // self.reduction), name="W1", param_dtype=jnp.float32)(pooled))
-        a = nn.sigmoid(nn.Dense(c, name="W2", param_dtype=jnp.float32)(hidden))           # Eq. 4
-        f_plus = f * a[:, None, None, :]                                                  # Eq. 5
-        f_minus = f - f_plus                                                              # Eq. 6
-        p_logit = nn.Dense(1, name="Wp", param_dtype=jnp.float32)(jnp.mean(f_minus, axis=(1, 2)))[:, 0]
-        mu, sigma = instance_stats(f_minus)                                               # Eq. 2–3
+        hidden = nn.relu(
+            nn.Dense(max(1, c // self.reduction), name="W1", param_dtype=jnp.float32)(pooled)
+        )
+        a = nn.sigmoid(nn.Dense(c, name="W2", param_dtype=jnp.float32)(hidden))  # Eq. 4
+        f_plus = f * a[:, None, None, :]  # Eq. 5
+        f_minus = f - f_plus  # Eq. 6
+        p_logit = nn.Dense(1, name="Wp", param_dtype=jnp.float32)(jnp.mean(f_minus, axis=(1, 2)))[
+            :, 0
+        ]
+        mu, sigma = instance_stats(f_minus)  # Eq. 2–3
         return f_plus, {"attention": a, "p_logit": p_logit, "mean": mu, "std": sigma}
 
 
@@ -108,7 +119,9 @@ class _Kernel(nn.Module):
 
     @nn.compact
     def __call__(self, cin: int):
-        return self.param("kernel", nn.initializers.kaiming_normal(), (3, 3, cin, self.features), jnp.float32)
+        return self.param(
+            "kernel", nn.initializers.kaiming_normal(), (3, 3, cin, self.features), jnp.float32
+        )
 
 
 class _BatchNormVariables(nn.Module):
@@ -145,7 +158,9 @@ class ConvBNLayer(nn.Module):
     @nn.compact
     def __call__(self, cin: int, batch_moments=None):
         kernel = _Kernel(self.features, name="Conv3x3_0")(cin)
-        return (kernel,) + _BatchNormVariables(self.features, self.momentum, name="BatchNorm_0")(batch_moments)
+        return (kernel,) + _BatchNormVariables(self.features, self.momentum, name="BatchNorm_0")(
+            batch_moments
+        )
 
 
 def _bn_relu(layer: ConvBNLayer, cin: int, z, train: bool, groups: int, eps: float):
@@ -160,8 +175,10 @@ def _bn_relu(layer: ConvBNLayer, cin: int, z, train: bool, groups: int, eps: flo
 
 def _check_groups(x, groups: int, module: str):
     if groups < 1 or x.shape[0] % groups:
-        raise ValueError(f"{module}: batch of {x.shape[0]} images does not split into groups={groups} "
-                         f"equal domain batches")
+        raise ValueError(
+            f"{module}: batch of {x.shape[0]} images does not split into groups={groups} "
+            f"equal domain batches"
+        )
 
 
 class FeatureExtractor(nn.Module):
@@ -184,32 +201,39 @@ class FeatureExtractor(nn.Module):
         _check_groups(x, groups, "FeatureExtractor")
         widths = [scaled(c, self.width) for c in (64,) + (128, 196, 128) * 3]
         cins = [x.shape[-1]] + widths[:-1]
-        layers = [ConvBNLayer(c, self.momentum, name=f"ConvBNReLU_{i}") for i, c in enumerate(widths)]
+        layers = [
+            ConvBNLayer(c, self.momentum, name=f"ConvBNReLU_{i}") for i, c in enumerate(widths)
+        ]
         fused = train and self.fast_grad
         conv = ops.conv_same_fast if self.fast_grad else ops.conv_same
         eps = self.epsilon
 
         z = conv(x, layers[0](cins[0])[0].astype(x.dtype))
-        pending = 0                    # the layer whose BatchNorm + ReLU still has to run on z
+        f = None  # the previous block's F⁺ (set by its DRLM)
+        pending = 0  # the layer whose BatchNorm + ReLU still has to run on z
         block_outputs, drlm = [], []
         for b in range(3):
             for i in range(3 * b + 1, 3 * b + 4):
                 kernel = layers[i](cins[i])[0].astype(x.dtype)
-                if pending is None:    # block input: the previous DRLM's F⁺
+                if pending is None:  # block input: the previous DRLM's F⁺
                     z = conv(f, kernel)
                 elif fused:
                     _, scale, bias, _, _ = layers[pending](cins[pending])
                     z, mean, var = ops.bn_relu_conv(z, scale, bias, kernel, eps, groups)
                     layers[pending](cins[pending], (mean, var))
                 else:
-                    z = conv(_bn_relu(layers[pending], cins[pending], z, train, groups, eps), kernel)
+                    z = conv(
+                        _bn_relu(layers[pending], cins[pending], z, train, groups, eps), kernel
+                    )
                 pending = i
             if fused:
                 _, scale, bias, _, _ = layers[pending](cins[pending])
                 pooled, mean, var = ops.bn_relu_pool(z, scale, bias, eps, groups)
                 layers[pending](cins[pending], (mean, var))
             else:
-                pooled = max_pool(_bn_relu(layers[pending], cins[pending], z, train, groups, eps), self.fast_grad)
+                pooled = max_pool(
+                    _bn_relu(layers[pending], cins[pending], z, train, groups, eps), self.fast_grad
+                )
             pending = None
             f, stats = DRLM(self.reduction)(pooled)
             block_outputs.append(f)
@@ -218,7 +242,8 @@ class FeatureExtractor(nn.Module):
 
 
 class DepthEstimator(nn.Module):
-    """D: the three blocks' outputs resized to the last block's grid, concatenated, conv 128 → 64 → 1.
+    """D: the three blocks' outputs resized to the last block's grid, concatenated, conv 128 → 64
+    → 1.
 
     `groups` as in FeatureExtractor.
     """
@@ -233,7 +258,8 @@ class DepthEstimator(nn.Module):
         _check_groups(block_outputs[-1], groups, "DepthEstimator")
         n, h, w, _ = block_outputs[-1].shape
         resized = [
-            f if f.shape[1:3] == (h, w)
+            f
+            if f.shape[1:3] == (h, w)
             else jax.image.resize(f, (n, h, w, f.shape[-1]), "bilinear", antialias=False)
             for f in block_outputs
         ]
@@ -241,7 +267,10 @@ class DepthEstimator(nn.Module):
         # D works on the small last-block grid, where one im2col GEMM per conv beats per-tap GEMMs.
         conv = ops.conv_same_im2col if self.fast_grad else ops.conv_same
         for i, c in enumerate((128, 64)):
-            layer, cin = ConvBNLayer(scaled(c, self.width), self.momentum, name=f"ConvBNReLU_{i}"), x.shape[-1]
+            layer, cin = (
+                ConvBNLayer(scaled(c, self.width), self.momentum, name=f"ConvBNReLU_{i}"),
+                x.shape[-1],
+            )
             x = conv(x, layer(cin)[0].astype(x.dtype))
             x = _bn_relu(layer, cin, x, train, groups, self.epsilon)
         # Linear output: the target (a depth map in [0, 1] or zeros) is regressed with MSE (Eq. 10).
@@ -276,16 +305,16 @@ class MetaLearner(nn.Module):
 
 
 def build_modules(model_config: Any) -> tuple[FeatureExtractor, DepthEstimator, MetaLearner]:
-    """E, D, M from `config.model` (fields documented in configs/default.py)."""
-    if model_config.drlm_reduction < 1:
-        raise ValueError(f"model.drlm_reduction must be ≥ 1, got {model_config.drlm_reduction}")
-    if model_config.adaptation_dim < 1:
-        raise ValueError(f"model.adaptation_dim must be ≥ 1, got {model_config.adaptation_dim}")
+    """E, D, M from `config.model` (fields documented in configs/default.py); `fast_conv_grad`
+    resolved for the backend (`runtime.fast_conv_grad`: 'auto' means the CPU-tuned ops on CPU)."""
     for c in (64, 128, 196, 256, 512):
         scaled(c, model_config.width)
-    common = dict(momentum=model_config.bn_momentum, epsilon=model_config.bn_epsilon)
+    fast = runtime.fast_conv_grad(model_config.fast_conv_grad)
+    common = dict(
+        momentum=model_config.bn_momentum, epsilon=model_config.bn_epsilon, fast_grad=fast
+    )
     return (
-        FeatureExtractor(model_config.width, model_config.drlm_reduction, model_config.fast_conv_grad, **common),
-        DepthEstimator(model_config.width, model_config.fast_conv_grad, **common),
-        MetaLearner(model_config.width, model_config.adaptation_dim, model_config.fast_conv_grad, **common),
+        FeatureExtractor(model_config.width, model_config.drlm_reduction, **common),
+        DepthEstimator(model_config.width, **common),
+        MetaLearner(model_config.width, model_config.adaptation_dim, **common),
     )

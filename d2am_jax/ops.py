@@ -32,12 +32,15 @@ def _largest_divisor_at_most(n: int, cap: int) -> int:
     return max(d for d in range(1, min(n, cap) + 1) if n % d == 0)
 
 
-def _kernel_grad(x: jax.Array, g: jax.Array, kh: int, kw: int, prologue=None, chunk: int | None = None) -> jax.Array:
-    """∂L/∂W[i, j] = Σ_nhw x_pad[n, h+i, w+j, :]ᵀ g[n, h, w, :]: one GEMM per tap and chunk of images.
+def _kernel_grad(
+    x: jax.Array, g: jax.Array, kh: int, kw: int, prologue=None, chunk: int | None = None
+) -> jax.Array:
+    """∂L/∂W[i, j] = Σ_nhw x_pad[n, h+i, w+j, :]ᵀ g[n, h, w, :]: one GEMM per tap and chunk of
+    images.
 
-    A scan over chunks keeps the padded input and its shifted slices to `KERNEL_GRAD_CHUNK` images at
-    a time; per-tap GEMMs avoid materialising a 9×-sized im2col matrix. `prologue(x_chunk, i)`, if
-    given, maps chunk i of x to the convolution's actual input (the fused units recompute their
+    A scan over chunks keeps the padded input and its shifted slices to `KERNEL_GRAD_CHUNK` images
+    at a time; per-tap GEMMs avoid materialising a 9×-sized im2col matrix. `prologue(x_chunk, i)`,
+    if given, maps chunk i of x to the convolution's actual input (the fused units recompute their
     activation here, so it never exists at full size).
     """
     n, h, w, cin = x.shape
@@ -54,14 +57,19 @@ def _kernel_grad(x: jax.Array, g: jax.Array, kh: int, kw: int, prologue=None, ch
         xc = jnp.pad(xc, ((0, 0), (ph, kh - 1 - ph), (pw, kw - 1 - pw), (0, 0)))
         g2 = gc.reshape(-1, cout)
         taps = [
-            jnp.dot(lax.slice(xc, (0, a, b, 0), (chunk, a + h, b + w, cin)).reshape(-1, cin).T, g2,
-                    preferred_element_type=acc.dtype)
-            for a in range(kh) for b in range(kw)
+            jnp.dot(
+                lax.slice(xc, (0, a, b, 0), (chunk, a + h, b + w, cin)).reshape(-1, cin).T,
+                g2,
+                preferred_element_type=acc.dtype,
+            )
+            for a in range(kh)
+            for b in range(kw)
         ]
         return acc + jnp.stack(taps), None
 
-    acc, _ = lax.scan(accumulate, jnp.zeros((kh * kw, cin, cout), g.dtype),
-                      (jnp.arange(n // chunk), xs, gs))
+    acc, _ = lax.scan(
+        accumulate, jnp.zeros((kh * kw, cin, cout), g.dtype), (jnp.arange(n // chunk), xs, gs)
+    )
     return acc.reshape(kh, kw, cin, cout)
 
 
@@ -80,7 +88,9 @@ WINOGRAD_TILES = 4096
 
 def winograd_chunk(batch: int, h: int, w: int) -> int:
     """Images per Winograd step: the largest divisor of `batch` within `WINOGRAD_TILES` tiles."""
-    return _largest_divisor_at_most(batch, max(1, WINOGRAD_TILES // (((h + 1) // 2) * ((w + 1) // 2))))
+    return _largest_divisor_at_most(
+        batch, max(1, WINOGRAD_TILES // (((h + 1) // 2) * ((w + 1) // 2)))
+    )
 
 
 def _winograd_input(t0, t1, t2, t3):
@@ -89,15 +99,21 @@ def _winograd_input(t0, t1, t2, t3):
 
 
 def _winograd_tiles(x: jax.Array) -> jax.Array:
-    """[c, H, W, C] → Bᵀ d B of every 4×4 input tile (2×2 output tiles, SAME padding): [16, tiles, C]."""
+    """[c, H, W, C] → Bᵀ d B of every 4×4 input tile (2×2 output tiles, SAME padding):
+    [16, tiles, C]."""
     c, h, w, cin = x.shape
     th, tw = (h + 1) // 2, (w + 1) // 2
     xp = jnp.pad(x, ((0, 0), (1, 2 * th + 1 - h), (1, 2 * tw + 1 - w), (0, 0)))
     # Row r of every tile's 4×4 window is padded row 2·t + r: a stride-2 slice per r.
-    rows = [lax.slice(xp, (0, r, 0, 0), (c, r + 2 * th - 1, 2 * tw + 2, cin), (1, 2, 1, 1)) for r in range(4)]
+    rows = [
+        lax.slice(xp, (0, r, 0, 0), (c, r + 2 * th - 1, 2 * tw + 2, cin), (1, 2, 1, 1))
+        for r in range(4)
+    ]
     v = []
     for t in _winograd_input(*rows):
-        cols = [lax.slice(t, (0, 0, s, 0), (c, th, s + 2 * tw - 1, cin), (1, 1, 2, 1)) for s in range(4)]
+        cols = [
+            lax.slice(t, (0, 0, s, 0), (c, th, s + 2 * tw - 1, cin), (1, 1, 2, 1)) for s in range(4)
+        ]
         v.extend(_winograd_input(*cols))
     return jnp.stack(v).reshape(16, c * th * tw, cin)
 
@@ -107,7 +123,9 @@ def _winograd_output(m: jax.Array, c: int, h: int, w: int) -> jax.Array:
     th, tw = (h + 1) // 2, (w + 1) // 2
     m = m.reshape(4, 4, c, th, tw, m.shape[-1])
     rows = (m[0] + m[1] + m[2], m[1] - m[2] - m[3])
-    y = jnp.stack([jnp.stack((r[0] + r[1] + r[2], r[1] - r[2] - r[3]), axis=3) for r in rows], axis=2)
+    y = jnp.stack(
+        [jnp.stack((r[0] + r[1] + r[2], r[1] - r[2] - r[3]), axis=3) for r in rows], axis=2
+    )
     return y.reshape(c, 2 * th, 2 * tw, -1)[:, :h, :w]
 
 
@@ -116,7 +134,9 @@ def _write_chunks(fn, x: jax.Array, chunk: int, out_shape) -> jax.Array:
     n = x.shape[0]
 
     def body(i, out):
-        return lax.dynamic_update_slice_in_dim(out, fn(i, lax.dynamic_slice_in_dim(x, i * chunk, chunk)), i * chunk, 0)
+        return lax.dynamic_update_slice_in_dim(
+            out, fn(i, lax.dynamic_slice_in_dim(x, i * chunk, chunk)), i * chunk, 0
+        )
 
     # The output buffer's initial value is never read (every chunk overwrites its slice). It is made
     # from this call's input, not as constant zeros: XLA merges identical constant broadcasts across
@@ -126,22 +146,26 @@ def _write_chunks(fn, x: jax.Array, chunk: int, out_shape) -> jax.Array:
     return lax.fori_loop(0, n // chunk, body, init)
 
 
-def conv_same_winograd(x: jax.Array, kernel: jax.Array, prologue=None, chunk: int | None = None) -> jax.Array:
+def conv_same_winograd(
+    x: jax.Array, kernel: jax.Array, prologue=None, chunk: int | None = None
+) -> jax.Array:
     """`conv_same` for a 3×3 kernel by Winograd F(2×2, 3×3), over chunks of `chunk` images.
 
     Same maths as `conv_same` (any H, W; odd sizes are padded to whole tiles and cropped) with 2.25×
-    fewer multiplies. `prologue(x_chunk, i)`, if given, maps chunk i of x to the convolution's actual
-    input (as in `_kernel_grad`), so a fused unit's activation never exists at full size.
+    fewer multiplies. `prologue(x_chunk, i)`, if given, maps chunk i of x to the convolution's
+    actual input (as in `_kernel_grad`), so a fused unit's activation never exists at full size.
     """
     if kernel.shape[:2] != (3, 3):
         raise ValueError(f"conv_same_winograd: 3×3 kernels only, got {kernel.shape[:2]}")
     n, h, w, cin = x.shape
     cout = kernel.shape[-1]
     chunk = chunk or winograd_chunk(n, h, w)
-    if n % chunk:   # the loop writes whole chunks: a remainder would be left unwritten
-        raise ValueError(f"conv_same_winograd: chunk={chunk} does not divide the batch of {n} images")
+    if n % chunk:  # the loop writes whole chunks: a remainder would be left unwritten
+        raise ValueError(
+            f"conv_same_winograd: chunk={chunk} does not divide the batch of {n} images"
+        )
     g = jnp.asarray(_WINOGRAD_G, kernel.dtype)
-    u = jnp.einsum("ai,ijco,bj->abco", g, kernel, g).reshape(16, cin, cout)     # G g Gᵀ
+    u = jnp.einsum("ai,ijco,bj->abco", g, kernel, g).reshape(16, cin, cout)  # G g Gᵀ
 
     def tiles(i, xc):
         if prologue is not None:
@@ -168,7 +192,8 @@ def _conv_fast(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
 
 def _input_grad(kernel: jax.Array, g: jax.Array) -> jax.Array:
-    """Input gradient of a stride-1 SAME conv: SAME conv of g with the flipped, I/O-swapped kernel."""
+    """Input gradient of a stride-1 SAME conv: SAME conv of g with the flipped, I/O-swapped
+    kernel."""
     kh, kw = kernel.shape[:2]
     if kh % 2 == 0 or kw % 2 == 0:
         raise ValueError(f"conv_same_fast: odd kernel sizes only, got {kernel.shape[:2]}")
@@ -208,7 +233,8 @@ def conv_same_im2col(x: jax.Array, kernel: jax.Array) -> jax.Array:
     ph, pw = (kh - 1) // 2, (kw - 1) // 2
     xp = jnp.pad(x, ((0, 0), (ph, kh - 1 - ph), (pw, kw - 1 - pw), (0, 0)))
     patches = jnp.concatenate(
-        [lax.slice(xp, (0, i, j, 0), (n, i + h, j + w, cin)) for i in range(kh) for j in range(kw)], axis=-1
+        [lax.slice(xp, (0, i, j, 0), (n, i + h, j + w, cin)) for i in range(kh) for j in range(kw)],
+        axis=-1,
     )
     return jnp.dot(patches, kernel.reshape(kh * kw * cin, cout))
 
@@ -227,8 +253,9 @@ def _pool_taps(x: jax.Array) -> jax.Array:
 
 
 def _pool_window(x: jax.Array) -> jax.Array:
-    return lax.reduce_window(x, -jnp.inf, lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
-                             ((0, 0), (1, 1), (1, 1), (0, 0)))
+    return lax.reduce_window(
+        x, -jnp.inf, lax.max, (1, 3, 3, 1), (1, 2, 2, 1), ((0, 0), (1, 1), (1, 1), (0, 0))
+    )
 
 
 @jax.custom_vjp
@@ -266,7 +293,8 @@ def group_moments(z: jax.Array, groups: int) -> tuple[jax.Array, jax.Array]:
 
 
 def _normalize(z, scale, bias, mu, rstd):
-    """(x̂, y): x̂ = (z − μ_g)·rstd_g as [G, B·H·W, C] and y = x̂·scale + bias, for [G, C] statistics."""
+    """(x̂, y): x̂ = (z − μ_g)·rstd_g as [G, B·H·W, C] and y = x̂·scale + bias, for [G, C]
+    statistics."""
     zg = z.reshape(mu.shape[0], -1, z.shape[-1])
     xhat = (zg - mu[:, None, :]) * rstd[:, None, :]
     return xhat, xhat * scale + bias
@@ -280,7 +308,8 @@ def bn_relu(z, scale, bias, mu, rstd):
 
 
 def bn_relu_reference(z, scale, bias, eps: float, groups: int):
-    """Training-mode BatchNorm + ReLU in plain jnp (any-order autodiff) → (a, mean_G μ, mean_G var)."""
+    """Training-mode BatchNorm + ReLU in plain jnp (any-order autodiff) → (a, mean_G μ,
+    mean_G var)."""
     mu, var = group_moments(z, groups)
     return bn_relu(z, scale, bias, mu, lax.rsqrt(var + eps)), jnp.mean(mu, 0), jnp.mean(var, 0)
 
@@ -288,13 +317,13 @@ def bn_relu_reference(z, scale, bias, eps: float, groups: int):
 def _bn_relu_backward(z, scale, mu, rstd, xhat, y, da, dmean, dvar):
     """Cotangents of (z, scale, bias) for a = relu(BN(z)) and the mean_G μ, mean_G var outputs."""
     groups = mu.shape[0]
-    m = xhat.shape[1]                                     # elements per group and channel
+    m = xhat.shape[1]  # elements per group and channel
     # A multiply by the mask, not a select against a broadcast zero, which XLA:CPU materialises as
     # a full-size array when the select lands in a YNNPACK elementwise fusion.
     dy = da.reshape(y.shape) * (y > 0).astype(y.dtype)
-    s1 = jnp.sum(dy, axis=1)                              # [G, C]
+    s1 = jnp.sum(dy, axis=1)  # [G, C]
     s2 = jnp.sum(dy * xhat, axis=1)
-    zc = xhat / rstd[:, None, :]                          # z − μ_g
+    zc = xhat / rstd[:, None, :]  # z − μ_g
     dz = (scale * rstd)[:, None, :] * (dy - s1[:, None, :] / m - xhat * s2[:, None, :] / m)
     dz = dz + dmean / (groups * m) + dvar * 2.0 * zc / (groups * m)
     return dz.reshape(z.shape), jnp.sum(s2, 0), jnp.sum(s1, 0)
@@ -331,7 +360,9 @@ def _chunked_activation(z, scale, bias, mu, rstd, groups, cap):
     """(chunk, prologue): chunks of ≤ cap images within one group, and their relu(BN(·))."""
     per_group = z.shape[0] // groups
     chunk = _largest_divisor_at_most(per_group, cap)
-    return chunk, lambda zc, i: bn_relu(zc, scale, bias, mu[i * chunk // per_group], rstd[i * chunk // per_group])
+    return chunk, lambda zc, i: bn_relu(
+        zc, scale, bias, mu[i * chunk // per_group], rstd[i * chunk // per_group]
+    )
 
 
 def _bn_relu_conv_bwd(eps, groups, res, cts):
@@ -341,7 +372,8 @@ def _bn_relu_conv_bwd(eps, groups, res, cts):
     g, dmean, dvar = cts
     kh, kw = kernel.shape[:2]
     da = _input_grad(kernel, g)
-    # The kernel gradient recomputes the activation chunk by chunk, from z and its group's statistics.
+    # The kernel gradient recomputes the activation chunk by chunk, from z and its group's
+    # statistics.
     chunk, activation = _chunked_activation(z, scale, bias, mu, rstd, groups, KERNEL_GRAD_CHUNK)
     dkernel = _kernel_grad(z, g, kh, kw, prologue=activation, chunk=chunk)
     xhat, y = _normalize(z, scale, bias, mu, rstd)
@@ -353,21 +385,23 @@ bn_relu_conv.defvjp(_bn_relu_conv_fwd, _bn_relu_conv_bwd)
 
 
 def _pool_scatter_taps(idx: jax.Array, g: jax.Array, h: int, w: int) -> jax.Array:
-    """Gradient of a 3×3 / stride-2 / pad-1 max-pool: g[ho, wo] goes to tap idx[ho, wo] of its window.
+    """Gradient of a 3×3 / stride-2 / pad-1 max-pool: g[ho, wo] goes to tap idx[ho, wo] of its
+    window.
 
     Input row 2m is tap row 1 of window m only; row 2m+1 is tap row 2 of window m and tap row 0 of
-    window m+1 (columns alike). So each of the four (row, column) parity classes gathers from at most
+    window m+1 (columns alike). So each of the four (row, column) parity classes gathers from at
+    most
     four windows at a quarter-size grid, and one interleave builds the full map: about a ninth of
     the work of scattering each of the nine taps over the full map.
     """
     n, ho, wo, c = g.shape
 
-    def shift(a, d, e, fill):       # a[:, m + d, l + e], past the edge: fill
+    def shift(a, d, e, fill):  # a[:, m + d, l + e], past the edge: fill
         if d == 0 and e == 0:
             return a
         return jnp.pad(a[:, d:, e:], ((0, 0), (0, d), (0, e), (0, 0)), constant_values=fill)
 
-    sources = {0: ((1, 0),), 1: ((2, 0), (0, 1))}      # parity → (tap row/col, window offset)
+    sources = {0: ((1, 0),), 1: ((2, 0), (0, 1))}  # parity → (tap row/col, window offset)
     rows = []
     for p in (0, 1):
         cols = []
@@ -377,13 +411,14 @@ def _pool_scatter_taps(idx: jax.Array, g: jax.Array, h: int, w: int) -> jax.Arra
                 for j, e in sources[q]:
                     acc = acc + jnp.where(shift(idx, d, e, -1) == 3 * i + j, shift(g, d, e, 0), 0)
             cols.append(acc)
-        rows.append(jnp.stack(cols, axis=3))            # [N, Ho, Wo, 2, C]
-    full = jnp.stack(rows, axis=2)                      # [N, Ho, 2, Wo, 2, C]
+        rows.append(jnp.stack(cols, axis=3))  # [N, Ho, Wo, 2, C]
+    full = jnp.stack(rows, axis=2)  # [N, Ho, 2, Wo, 2, C]
     return full.reshape(n, 2 * ho, 2 * wo, c)[:, :h, :w, :]
 
 
 def _pool_with_argmax(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """3×3 / stride-2 / pad-1 max-pool and the index (0..8, row-major) of each window's first maximum.
+    """3×3 / stride-2 / pad-1 max-pool and the index (0..8, row-major) of each window's first
+    maximum.
 
     Both come from one pass over the nine strided slices, so the index never depends on comparing
     values recomputed elsewhere; "first maximum" is the tap XLA's select-and-scatter picks.
@@ -419,7 +454,7 @@ def _bn_relu_pool_fwd(z, scale, bias, eps, groups):
 
 
 def _bn_relu_pool_bwd(eps, groups, res, cts):
-    z, scale, bias, mu, rstd, idx = lax.optimization_barrier(res)   # see _bn_relu_conv_bwd
+    z, scale, bias, mu, rstd, idx = lax.optimization_barrier(res)  # see _bn_relu_conv_bwd
     g, dmean, dvar = cts
     xhat, y = _normalize(z, scale, bias, mu, rstd)
     da = _pool_scatter_taps(idx, g, z.shape[1], z.shape[2])

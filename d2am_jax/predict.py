@@ -82,8 +82,8 @@ def _predict_fn(config_json: str):
     """One jitted prediction per model config and process (repeated calls reuse its compile)."""
     import ml_collections
 
-    from d2am_jax import meta
-    return meta.make_predict(ml_collections.ConfigDict(json.loads(config_json)))
+    from d2am_jax import state
+    return state.make_predict(ml_collections.ConfigDict(json.loads(config_json)))
 
 
 def _prepared(rgb: np.ndarray, size: int, face_crop: str, where: str) -> np.ndarray:

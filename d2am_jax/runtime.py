@@ -1,23 +1,88 @@
-"""How the training processes use XLA and host memory: compile options and returning freed memory.
+"""How a run uses jax and its host: settings applied when a run starts (compilation cache), the
+project's random-number setting, backend-dependent choices, compile options, preemption, memory.
 
-The compile options apply to the CPU backend only; the memory release is for any Linux host
-(BENCHMARKS.md, "Meta-step").
+Nothing here runs at import: importing the package changes no jax setting in the user's session.
 """
 
+from __future__ import annotations
+
+import contextlib
 import ctypes
 import ctypes.util
+import logging
+import signal
 import warnings
 
 import jax
 import jax.numpy as jnp
+
+log = logging.getLogger(__name__)
+
+FAST_CONV_GRAD_CHOICES = ("auto", True, False)
+
+
+def start(config) -> None:
+    """jax settings for a run, applied where it starts (train, predict): the persistent
+    compilation cache when `config.jax_cache_dir` names one."""
+    if config.get("jax_cache_dir"):
+        jax.config.update("jax_compilation_cache_dir", str(config.jax_cache_dir))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def project_random():
+    """Context in which the project traces its jitted functions: jax's classic threefry.
+
+    With the partitionable threefry (jax's default since 0.5) XLA:CPU took ~10× longer to compile
+    the parameter initialisation (100 s vs 9 s for a tiny model, BENCHMARKS.md). The project's
+    random streams are small (initialisation, MMD prior samples); a context, not a global flag,
+    so the user's own session keeps its setting.
+    """
+    return jax.threefry_partitionable(False)
+
+
+def fast_conv_grad(value) -> bool:
+    """`model.fast_conv_grad` resolved: 'auto' → the CPU-tuned ops (ops.py) on CPU only, XLA's own
+    convolutions and derivatives on GPU and TPU (where cuDNN / the TPU compiler own them); True
+    or False (also as the strings a command-line override gives) force either."""
+    text = str(value).strip().lower()
+    if text == "auto":
+        return jax.default_backend() == "cpu"
+    if text in ("true", "false"):
+        return text == "true"
+    raise ValueError(f"model.fast_conv_grad: expected 'auto', True or False, got {value!r}")
+
+
+class Preemption:
+    """SIGTERM sets `requested`; the run saves a checkpoint at the next step boundary and returns.
+    Outside the main thread no handler is installed (the caller owns signals there)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        with contextlib.suppress(ValueError):  # not the main thread
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+        log.warning("SIGTERM: saving a checkpoint at the next step boundary, then exiting")
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
 
 # XLA:CPU hands convolutions and dots to YNNPACK, and by default also elementwise and reduction
 # fusions, which then need every operand materialised: in the training step that costs 2 GB of
 # temporaries and ~10 % of the time (BENCHMARKS.md). The training steps compile with YNNPACK for
 # convolutions and dots only.
 _CPU_OPTIONS = {
-    "xla_cpu_experimental_ynn_fusion_type":
-        "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION",
+    "xla_cpu_experimental_ynn_fusion_type": (
+        "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"
+    ),
 }
 _options_cache: dict[str, dict] = {}
 
@@ -25,7 +90,8 @@ _options_cache: dict[str, dict] = {}
 def training_compiler_options() -> dict:
     """XLA options for the jitted training steps: `_CPU_OPTIONS` on the CPU backend, none elsewhere.
 
-    An XLA build that does not know the option gets none (with a warning) rather than a failed compile.
+    An XLA build that does not know the option gets none (with a warning) rather than a failed
+    compile.
     """
     backend = jax.default_backend()
     if backend not in _options_cache:
@@ -35,7 +101,10 @@ def training_compiler_options() -> dict:
                 jax.jit(lambda v: v + 1, compiler_options=_CPU_OPTIONS)(jnp.zeros(()))
                 options = dict(_CPU_OPTIONS)
             except Exception as err:  # noqa: BLE001 - any rejection means: compile without it
-                warnings.warn(f"XLA rejected {sorted(_CPU_OPTIONS)}; compiling with defaults ({err})")
+                warnings.warn(
+                    f"XLA rejected {sorted(_CPU_OPTIONS)}; compiling with defaults ({err})",
+                    stacklevel=2,
+                )
         _options_cache[backend] = options
     return _options_cache[backend]
 

@@ -8,12 +8,14 @@ dropped on the host), and only the small [B, C] arrays come back, never feature 
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 import jax
 import numpy as np
 
 from d2am_jax import domains, models
+from d2am_jax import state as state_lib
 from d2am_jax.data.color import rgb_to_model_input
 
 # What domains.domain_features reads from each DRLM; p_logit (for L_p) is not needed here.
@@ -58,10 +60,8 @@ def make_stats_pass(config, batch_size: int,
     micro_batch = _checked_micro_batch(micro_batch, batch_size)
     E, _, _ = models.build_modules(config.model)
     resolution = int(config.data.resolution)
-    traces = {"count": 0}
 
     def forward(params_e, batch_stats_e, x):
-        traces["count"] += 1          # Python side effect: runs once per trace, never per call
         dtype = jax.tree.leaves(params_e)[0].dtype
 
         def micro(xs):
@@ -73,7 +73,7 @@ def make_stats_pass(config, batch_size: int,
         out = jax.lax.map(micro, x.reshape((batch_size // micro_batch, micro_batch) + x.shape[1:]))
         return jax.tree.map(lambda a: a.reshape((batch_size,) + a.shape[2:]), out)
 
-    jitted = jax.jit(forward)
+    jitted = state_lib.jit_step(forward)
 
     def stats_pass(params_E, batch_stats_E, source) -> DrlmStats:
         parts: list[DrlmStats] = []
@@ -91,7 +91,7 @@ def make_stats_pass(config, batch_size: int,
         return [{key: np.concatenate([p[j][key] for p in parts]) for key in STATS_KEYS}
                 for j in range(len(parts[0]))]
 
-    stats_pass.trace_count = lambda: traces["count"]
+    stats_pass.trace_count = jitted.trace_count
     stats_pass.batch_size = batch_size
     stats_pass.micro_batch = micro_batch
     stats_pass.jitted = jitted

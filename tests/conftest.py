@@ -25,11 +25,11 @@ def tiny_config(resolution=32, width=0.0625, adaptation_dim=8, num_domains=3, pe
 
 def random_meta_batch(config, seed=0, dtype=np.float32):
     """A meta-batch of the config's shape: [K, B, ...], half live, half spoof per domain."""
-    from d2am_jax import meta
+    from d2am_jax.data.dataset import depth_size
 
     rng = np.random.default_rng(seed)
     k, b, r = config.meta.num_domains, config.meta.per_domain_batch, config.data.resolution
-    g = meta.depth_size(r)
+    g = depth_size(r)
     y = np.tile(np.r_[np.ones(b // 2), np.zeros(b - b // 2)], (k, 1))
     depth = rng.random((k, b, g, g)) * y[:, :, None, None]
     return {

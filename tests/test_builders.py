@@ -174,7 +174,7 @@ def test_casia_haar_crops_labels_and_splits(tmp_path):
                                    tmp_path / "out")
     assert summary["examples"] == {"train": 8, "test": 8} and summary["num_skipped"] == 0
     train = sets["train"]
-    by_video = {v: (l, a) for v, l, a in zip(train.video, train.labels, train.attack)}
+    by_video = {v: (y, a) for v, y, a in zip(train.video, train.labels, train.attack)}
     assert by_video == {"casia_fasd:train_release/1/1": (1, ""),
                         "casia_fasd:train_release/1/HR_1": (1, ""),
                         "casia_fasd:train_release/1/3": (0, "warped_photo"),
@@ -359,7 +359,7 @@ def test_depth_map_path_prefers_the_exact_frame(tmp_path):
 def test_loader_take_concat_and_unbuilt_dataset(tmp_path):
     _, sets = build_and_load("casia_fasd", fake_casia(str(tmp_path / "rel")), tmp_path / "out")
     train, test = sets["train"], sets["test"]
-    both = loader.FasData.concat([train, test])
+    both = loader.concat([train, test])
     assert len(both) == 16 and set(both.origin) == {"casia_fasd/train", "casia_fasd/test"}
     np.testing.assert_array_equal(both.frames[[9]], test.frames[[1]])
     live = both.take(both.labels == 1)
@@ -377,7 +377,7 @@ def test_loader_take_concat_and_unbuilt_dataset(tmp_path):
     assert lazy.frames.records.blobs is None and train.frames.records.blobs is not None
     np.testing.assert_array_equal(lazy.frames[np.arange(8)], train.frames[np.arange(8)])
     np.testing.assert_array_equal(lazy.depth[np.arange(8)], train.depth[np.arange(8)])
-    mixed = loader.FasData.concat([lazy, test])
+    mixed = loader.concat([lazy, test])
     np.testing.assert_array_equal(mixed.frames[[3, 12]], both.frames[[3, 12]])
 
 

@@ -5,14 +5,15 @@ slot, and half-written directories ignored on restart."""
 import jax
 import numpy as np
 import pytest
-
 from conftest import tiny_config
-from d2am_jax import checkpointing, meta
+
+from d2am_jax import checkpointing
+from d2am_jax import state as state_lib
 
 
 @pytest.fixture(scope="module")
 def state():
-    return meta.init_state(tiny_config(resolution=16, width=0.0625, adaptation_dim=4),
+    return state_lib.init_state(tiny_config(resolution=16, width=0.0625, adaptation_dim=4),
                            jax.random.PRNGKey(3))
 
 
@@ -24,29 +25,20 @@ def _same(a, b) -> bool:
 def test_round_trip_is_exact(state, tmp_path):
     ckpt = checkpointing.Checkpointer(str(tmp_path), keep=2)
     pseudo = np.array([0, 2, 1, 1, 0], np.int32)
-    bank = np.random.default_rng(0).normal(size=(5, 7)).astype(np.float32)
-    meta_json = {"epoch": 1, "step_in_epoch": 2, "results": [{"hter": 0.25}]}
-    ckpt.save(4, state, pseudo, bank, meta_json)
+    meta_json = {"k": 3, "steps_per_epoch": 2, "results": [{"hter": 0.25}]}
+    ckpt.save(4, state, pseudo, meta_json)
     restored = ckpt.restore(state)
     assert restored.step == 4
     assert type(restored.state) is type(state) and _same(restored.state, state)
     np.testing.assert_array_equal(restored.pseudo_domain, pseudo)
-    np.testing.assert_array_equal(restored.bank, bank)
     assert restored.meta == meta_json
-    ckpt.close()
-
-
-def test_empty_bank_round_trips(state, tmp_path):
-    ckpt = checkpointing.Checkpointer(str(tmp_path), keep=1)
-    ckpt.save(1, state, np.zeros(3, np.int32), np.zeros((0, 0), np.float32), {"epoch": 0})
-    assert ckpt.restore(state).bank.shape == (0, 0)
     ckpt.close()
 
 
 def test_keeps_last_n_and_the_best(state, tmp_path):
     ckpt = checkpointing.Checkpointer(str(tmp_path), keep=2)
     for step in (1, 2, 3, 4):
-        ckpt.save(step, state, np.zeros(3, np.int32), np.zeros((3, 2)), {"step": step},
+        ckpt.save(step, state, np.zeros(3, np.int32), {"step": step},
                   best=step == 2)
     assert checkpointing.finalized_steps(ckpt.latest_dir) == [3, 4]
     assert ckpt.best_step() == 2
@@ -56,7 +48,7 @@ def test_keeps_last_n_and_the_best(state, tmp_path):
 
 def test_half_written_checkpoints_are_ignored(state, tmp_path):
     ckpt = checkpointing.Checkpointer(str(tmp_path), keep=3)
-    ckpt.save(2, state, np.zeros(3, np.int32), np.zeros((3, 2)), {"step": 2})
+    ckpt.save(2, state, np.zeros(3, np.int32), {"step": 2})
     ckpt.close()
     latest = tmp_path / checkpointing.LATEST_DIR
     # What a process killed while saving leaves: orbax's temporary directory, and a step
@@ -68,7 +60,7 @@ def test_half_written_checkpoints_are_ignored(state, tmp_path):
     ckpt = checkpointing.Checkpointer(str(tmp_path), keep=3)
     assert ckpt.latest_step() == 2
     assert ckpt.restore(state).meta == {"step": 2}
-    ckpt.save(7, state, np.ones(3, np.int32), np.zeros((3, 2)), {"step": 7})
+    ckpt.save(7, state, np.ones(3, np.int32), {"step": 7})
     assert ckpt.latest_step() == 7 and ckpt.restore(state).meta == {"step": 7}
     assert (latest / "7.incomplete" / "state" / "garbage").exists()  # moved aside, not deleted
     ckpt.close()
@@ -79,8 +71,3 @@ def test_restore_without_checkpoint_names_the_directory(state, tmp_path):
     with pytest.raises(FileNotFoundError, match=str(tmp_path)):
         ckpt.restore(state)
     ckpt.close()
-
-
-def test_keep_must_be_positive(tmp_path):
-    with pytest.raises(ValueError, match="checkpoint.keep"):
-        checkpointing.Checkpointer(str(tmp_path), keep=0)

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from d2am_jax import train
+from d2am_jax import config_check
 from d2am_jax.configs import default
 from d2am_jax.data.protocols import PAPER_PROTOCOLS
 
@@ -24,7 +24,7 @@ def _module(name):
 def test_config_is_locked_valid_and_documented(name):
     module = _module(name)
     config = module.get_config()
-    train.check_config(config)
+    config_check.check(config)
     with pytest.raises(AttributeError, match="nope"):
         config.nope = 1
     with pytest.raises(AttributeError, match="inner_lrr"):
@@ -54,7 +54,7 @@ def test_second_order_has_one_value_under_two_names():
 @pytest.mark.parametrize("protocol", PAPER_PROTOCOLS)
 def test_paper_protocols_at_paper_scale(protocol):
     config = _module("protocols").get_config(protocol)
-    train.check_config(config)
+    config_check.check(config)
     assert config.data.protocol == protocol and config.data.name == "protocol"
     assert config.data.resolution == 256 and config.model.width == 1.0
     assert (config.meta.inner_lr, config.meta.outer_lr) == (1e-3, 1e-4)
@@ -76,18 +76,22 @@ def test_bad_values_name_the_field(field, value, match):
     config = _module("smoke").get_config()
     config[field] = value
     with pytest.raises(ValueError, match=match):
-        train.check_config(config)
+        config_check.check(config)
 
 
 def test_bad_nested_value_names_the_field():
     config = _module("smoke").get_config()
     config.eval.threshold_mode = "oracle"
     with pytest.raises(ValueError, match="config.eval.threshold_mode"):
-        train.check_config(config)
+        config_check.check(config)
     config = _module("smoke").get_config()
     config.data.source_val_fraction = 0.0
     with pytest.raises(ValueError, match="config.data.source_val_fraction"):
-        train.check_config(config)
+        config_check.check(config)
+    config = _module("smoke").get_config()
+    config.checkpoint.keep = 0
+    with pytest.raises(ValueError, match="config.checkpoint.keep"):
+        config_check.check(config)
 
 
 def test_cli_misspelled_field_fails_with_its_name(tmp_path):

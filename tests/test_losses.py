@@ -23,7 +23,9 @@ def test_mmd_hand_computed_one_dimensional_case():
     kxx = (k(0, 0) + k(0, 1) + k(1, 0) + k(1, 1)) / 4
     kyy = (k(0, 0) + k(0, 2) + k(2, 0) + k(2, 2)) / 4
     kxy = (k(0, 0) + k(0, 2) + k(1, 0) + k(1, 2)) / 4
-    np.testing.assert_allclose(losses.mmd_to_prior(h, prior, (1.0,)), kxx + kyy - 2 * kxy, rtol=1e-6)
+    np.testing.assert_allclose(
+        losses.mmd_to_prior(h, prior, (1.0,)), kxx + kyy - 2 * kxy, rtol=1e-6
+    )
 
 
 def test_mmd_zero_for_identical_samples_and_larger_for_shifted():

@@ -5,13 +5,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import random_meta_batch, tiny_config
+
 from d2am_jax import losses, meta, models
+from d2am_jax import state as state_lib
 
 
 def _f64(tree):
-    return jax.tree.map(lambda a: a.astype(jnp.float64) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
+    return jax.tree.map(
+        lambda a: a.astype(jnp.float64) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree
+    )
 
 
 def _config(alpha):
@@ -34,10 +37,16 @@ def reference_objective(config, params, batch_stats, batch, key, const_grads, us
     total, feats = 0.0, []
     for d in range(k):
         (feat, blocks, drlm), _ = E.apply(
-            {"params": params["E"], "batch_stats": batch_stats["E"]}, batch["x"][d], True, mutable=["batch_stats"]
+            {"params": params["E"], "batch_stats": batch_stats["E"]},
+            batch["x"][d],
+            True,
+            mutable=["batch_stats"],
         )
         pred, _ = D.apply(
-            {"params": params["D"], "batch_stats": batch_stats["D"]}, blocks, True, mutable=["batch_stats"]
+            {"params": params["D"], "batch_stats": batch_stats["D"]},
+            blocks,
+            True,
+            mutable=["batch_stats"],
         )
         total = total + losses.depth(pred, batch["depth"][d])
         if d < k - 1:
@@ -46,10 +55,15 @@ def reference_objective(config, params, batch_stats, batch, key, const_grads, us
 
     def m_loss(params_m, feat, y, key):
         (logit, h), _ = M.apply(
-            {"params": params_m, "batch_stats": batch_stats["M"]}, feat, True, mutable=["batch_stats"]
+            {"params": params_m, "batch_stats": batch_stats["M"]},
+            feat,
+            True,
+            mutable=["batch_stats"],
         )
         prior = jax.random.normal(key, h.shape, h.dtype)
-        return losses.classification(logit, y) + mc.lambda_m * losses.mmd_to_prior(h, prior, mc.mmd_bandwidths)
+        return losses.classification(logit, y) + mc.lambda_m * losses.mmd_to_prior(
+            h, prior, mc.mmd_bandwidths
+        )
 
     grads = []
     for i in range(k - 1):
@@ -70,7 +84,7 @@ def f64():
     with jax.enable_x64(True):
         config = _config(alpha=0.5)
         config.meta.grad_cosine = True
-        state = meta.init_state(config, jax.random.PRNGKey(0))
+        state = state_lib.init_state(config, jax.random.PRNGKey(0))
         params, stats = _f64(state.params), _f64(state.batch_stats)
         batch = {k: jnp.asarray(v) for k, v in random_meta_batch(config, 0, np.float64).items()}
         key = jax.random.fold_in(state.rng, 0)  # the key meta_step uses at step 0
@@ -78,13 +92,25 @@ def f64():
 
         @jax.jit
         def value_and_grads(p, alpha):
-            value, g2 = jax.value_and_grad(lambda q: objective(q, stats, batch, key, True, alpha)[0])(p)
+            value, g2 = jax.value_and_grad(
+                lambda q: objective(q, stats, batch, key, True, alpha)[0]
+            )(p)
             g1 = jax.grad(lambda q: objective(q, stats, batch, key, False, alpha)[0])(p)
             return value, g2, g1
 
         value, g2, g1 = value_and_grads(params, 0.5)
-        yield dict(config=config, state=state, params=params, stats=stats, batch=batch, key=key,
-                   value_and_grads=value_and_grads, value=value, g2=g2, g1=g1)
+        yield dict(
+            config=config,
+            state=state,
+            params=params,
+            stats=stats,
+            batch=batch,
+            key=key,
+            value_and_grads=value_and_grads,
+            value=value,
+            g2=g2,
+            g1=g1,
+        )
 
 
 def _dot(a, b):
@@ -107,10 +133,15 @@ def test_second_order_gradient_matches_central_finite_differences(f64):
         for module in ("E", "D", "M"):
             # A random direction in one module's parameters, zero elsewhere.
             v = jax.tree.map(jnp.zeros_like, params)
-            v[module] = jax.tree.map(lambda a: jnp.asarray(rng.standard_normal(a.shape)), params[module])
+            v[module] = jax.tree.map(
+                lambda a: jnp.asarray(rng.standard_normal(a.shape)), params[module]
+            )
             plus = jax.tree.map(lambda p, d: p + eps * d, params, v)
             minus = jax.tree.map(lambda p, d: p - eps * d, params, v)
-            fd = (float(f64["value_and_grads"](plus, 0.5)[0]) - float(f64["value_and_grads"](minus, 0.5)[0])) / (2 * eps)
+            fd = (
+                float(f64["value_and_grads"](plus, 0.5)[0])
+                - float(f64["value_and_grads"](minus, 0.5)[0])
+            ) / (2 * eps)
             exact = _dot(f64["g2"], v)
             assert abs(exact - fd) / abs(fd) < 1e-5, (module, exact, fd)
             if module in ("E", "M"):
@@ -127,7 +158,9 @@ def test_objective_equals_loop_reference_in_value_and_both_orders(f64):
         @jax.jit
         def reference(p, const, use_const):
             (value, inner), grad = jax.value_and_grad(
-                lambda q: reference_objective(config, q, stats, batch, key, const, use_const), has_aux=True)(p)
+                lambda q: reference_objective(config, q, stats, batch, key, const, use_const),
+                has_aux=True,
+            )(p)
             return value, grad, inner
 
         ref_value, ref_g2, inner = reference(f64["params"], zeros, 0.0)

@@ -30,18 +30,41 @@ def full():
     x = jax.ShapeDtypeStruct((2, 256, 256, 6), jnp.float32)
     key = jax.random.PRNGKey(0)
     vars_e = jax.eval_shape(lambda x: E.init(key, x, True), x)
-    (feat, blocks, drlm), _ = jax.eval_shape(lambda v, x: E.apply(v, x, True, mutable=["batch_stats"]), vars_e, x)
+    (feat, blocks, drlm), _ = jax.eval_shape(
+        lambda v, x: E.apply(v, x, True, mutable=["batch_stats"]), vars_e, x
+    )
     vars_d = jax.eval_shape(lambda b: D.init(key, b, True), blocks)
-    depth, _ = jax.eval_shape(lambda v, b: D.apply(v, b, True, mutable=["batch_stats"]), vars_d, blocks)
+    depth, _ = jax.eval_shape(
+        lambda v, b: D.apply(v, b, True, mutable=["batch_stats"]), vars_d, blocks
+    )
     vars_m = jax.eval_shape(lambda f: M.init(key, f, True), feat)
-    (logit, h), _ = jax.eval_shape(lambda v, f: M.apply(v, f, True, mutable=["batch_stats"]), vars_m, feat)
-    return dict(config=config, E=E, D=D, M=M, vars_e=vars_e, vars_d=vars_d, vars_m=vars_m, feat=feat,
-                blocks=blocks, drlm=drlm, depth=depth, logit=logit, h=h)
+    (logit, h), _ = jax.eval_shape(
+        lambda v, f: M.apply(v, f, True, mutable=["batch_stats"]), vars_m, feat
+    )
+    return dict(
+        config=config,
+        E=E,
+        D=D,
+        M=M,
+        vars_e=vars_e,
+        vars_d=vars_d,
+        vars_m=vars_m,
+        feat=feat,
+        blocks=blocks,
+        drlm=drlm,
+        depth=depth,
+        logit=logit,
+        h=h,
+    )
 
 
 def test_output_shapes_follow_the_layer_table(full):
     assert full["feat"].shape == (2, 32, 32, 128)
-    assert [b.shape for b in full["blocks"]] == [(2, 128, 128, 128), (2, 64, 64, 128), (2, 32, 32, 128)]
+    assert [b.shape for b in full["blocks"]] == [
+        (2, 128, 128, 128),
+        (2, 64, 64, 128),
+        (2, 32, 32, 128),
+    ]
     for stats in full["drlm"]:
         assert stats["attention"].shape == stats["mean"].shape == stats["std"].shape == (2, 128)
         assert stats["p_logit"].shape == (2,)
@@ -59,14 +82,21 @@ def test_parameter_counts_follow_the_layer_table(full):
         cin = 128
     d = _conv_bn(3 * 128, 128) + _conv_bn(128, 64) + (9 * 64 + 1)
     hdim = full["config"].model.adaptation_dim
-    m = _conv_bn(128, 128) + _conv_bn(128, 256) + _conv_bn(256, 512) + (512 * hdim + hdim) + (hdim + 1)
+    m = (
+        _conv_bn(128, 128)
+        + _conv_bn(128, 256)
+        + _conv_bn(256, 512)
+        + (512 * hdim + hdim)
+        + (hdim + 1)
+    )
     assert _count(full["vars_e"]["params"]) == e
     assert _count(full["vars_d"]["params"]) == d
     assert _count(full["vars_m"]["params"]) == m
 
 
 def test_forward_is_about_100_gflop_per_image_at_paper_scale(full):
-    # The network's FLOPs as direct convolutions (the fast path's Winograd convs do fewer multiplies).
+    # The network's FLOPs as direct convolutions (the fast path's Winograd convs do fewer
+    # multiplies).
     E, M = full["E"].clone(fast_grad=False), full["M"].clone(fast_grad=False)
 
     def forward(ve, vm, x):
@@ -81,16 +111,22 @@ def test_forward_is_about_100_gflop_per_image_at_paper_scale(full):
 
 def _e_and_d_loss(E, D, variables_e, variables_d, x, groups, t):
     """A scalar of everything E and D return in training mode, and their new running statistics."""
-    (feat, blocks, drlm), new_e = E.apply(variables_e, x, True, groups=groups, mutable=["batch_stats"])
+    (feat, blocks, drlm), new_e = E.apply(
+        variables_e, x, True, groups=groups, mutable=["batch_stats"]
+    )
     depth, new_d = D.apply(variables_d, blocks, True, groups=groups, mutable=["batch_stats"])
-    value = jnp.sum(jnp.sin(feat) * t) + jnp.sum(depth ** 2) + sum(jnp.sum(s["p_logit"]) for s in drlm)
+    value = (
+        jnp.sum(jnp.sin(feat) * t) + jnp.sum(depth**2) + sum(jnp.sum(s["p_logit"]) for s in drlm)
+    )
     return value, (new_e, new_d)
 
 
 def test_fused_training_path_equals_plain_autodiff_with_per_domain_statistics(monkeypatch):
     """E and D with the fused units of `ops` (fast_grad) against the same layers in plain jnp with
     XLA's derivatives: value, every parameter gradient and the running statistics, in float64."""
-    monkeypatch.setattr(ops, "WINOGRAD_MIN_CHANNELS", 1)   # Winograd at this test's channel counts too
+    monkeypatch.setattr(
+        ops, "WINOGRAD_MIN_CHANNELS", 1
+    )  # Winograd at this test's channel counts too
     with jax.enable_x64(True):
         config = default.get_config()
         config.model.width = 0.0625
@@ -111,6 +147,7 @@ def test_fused_training_path_equals_plain_autodiff_with_per_domain_statistics(mo
         def grads(E_, D_):
             def f(pe, pd):
                 return _e_and_d_loss(E_, D_, {**ve, "params": pe}, {**vd, "params": pd}, x, 3, t)
+
             return jax.jit(jax.value_and_grad(f, (0, 1), has_aux=True))(ve["params"], vd["params"])
 
         (value, stats), g = grads(E, D)
@@ -129,5 +166,7 @@ def test_batch_that_does_not_split_into_groups_is_refused():
     E, _, _ = models.build_modules(config.model)
     x = jax.ShapeDtypeStruct((5, 16, 16, 6), jnp.float32)
     variables = jax.eval_shape(lambda x: E.init(jax.random.PRNGKey(0), x, True), x)
-    with pytest.raises(ValueError, match="groups=2"):   # raised while tracing, before any compute
-        jax.eval_shape(lambda v, x: E.apply(v, x, True, groups=2, mutable=["batch_stats"]), variables, x)
+    with pytest.raises(ValueError, match="groups=2"):  # raised while tracing, before any compute
+        jax.eval_shape(
+            lambda v, x: E.apply(v, x, True, groups=2, mutable=["batch_stats"]), variables, x
+        )

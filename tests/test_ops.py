@@ -13,7 +13,8 @@ from d2am_jax import ops
 @pytest.fixture(params=[True, False], ids=["winograd", "direct"])
 def winograd(request, monkeypatch):
     """Runs a test with the fast path's convolutions by Winograd for every channel count, then by
-    direct convolution (the tests' small channel counts would otherwise all take the direct path)."""
+    direct convolution (the tests' small channel counts would otherwise all take the direct
+    path)."""
     monkeypatch.setattr(ops, "WINOGRAD_MIN_CHANNELS", 1 if request.param else 10**9)
     return request.param
 
@@ -26,7 +27,9 @@ def test_winograd_conv_matches_direct_conv_for_odd_sizes_chunks_and_prologue():
             w = jnp.asarray(rng.standard_normal((3, 3, shape[-1], 5)))
             ref = ops.conv_same(x, w)
             for chunk in (1, 2):
-                np.testing.assert_allclose(ops.conv_same_winograd(x, w, chunk=chunk), ref, rtol=1e-12, atol=1e-12)
+                np.testing.assert_allclose(
+                    ops.conv_same_winograd(x, w, chunk=chunk), ref, rtol=1e-12, atol=1e-12
+                )
             # The prologue sees chunk i of x: here it scales chunk i by (i + 1).
             scaled = x * jnp.repeat(jnp.arange(1, shape[0] // 2 + 1), 2)[:, None, None, None]
             out = ops.conv_same_winograd(x, w, prologue=lambda xc, i: xc * (i + 1), chunk=2)
@@ -54,7 +57,7 @@ def test_conv_same_fast_matches_xla_in_value_and_gradients(winograd):
         x = jnp.asarray(rng.standard_normal((2, 7, 6, 3)))
         w = jnp.asarray(rng.standard_normal((3, 3, 3, 5)))
         t = jnp.asarray(rng.standard_normal((2, 7, 6, 5)))
-        loss = lambda f: (lambda x, w: jnp.sum(jnp.tanh(f(x, w)) * t))
+        loss = lambda f: lambda x, w: jnp.sum(jnp.tanh(f(x, w)) * t)
         np.testing.assert_allclose(ops.conv_same_fast(x, w), ops.conv_same(x, w), rtol=1e-12)
         fast = jax.grad(loss(ops.conv_same_fast), (0, 1))(x, w)
         ref = jax.grad(loss(ops.conv_same), (0, 1))(x, w)
@@ -84,12 +87,13 @@ def _fused_case(seed, shape=(6, 8, 7, 3)):
 
 
 def _check_grads(fused, reference, args, rng):
-    """Values equal; gradients equal under random cotangents for every output (incl. the statistics)."""
+    """Values equal; gradients equal under random cotangents for every output (incl. the
+    statistics)."""
     out_f, out_r = jax.jit(fused)(*args), jax.jit(reference)(*args)
     cts = [jnp.asarray(rng.standard_normal(np.shape(o))) for o in out_r]
     for a, b in zip(out_f, out_r):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
-    loss = lambda f: (lambda *a: sum(jnp.sum(o * t) for o, t in zip(f(*a), cts)))
+    loss = lambda f: lambda *a: sum(jnp.sum(o * t) for o, t in zip(f(*a), cts))
     g_f = jax.jit(jax.grad(loss(fused), tuple(range(len(args)))))(*args)
     g_r = jax.jit(jax.grad(loss(reference), tuple(range(len(args)))))(*args)
     for name, a, b in zip(("z", "scale", "bias", "kernel"), g_f, g_r):
@@ -128,7 +132,7 @@ def test_group_moments_equal_statistics_of_each_group_alone():
     z = rng.standard_normal((6, 4, 4, 3))
     mu, var = ops.group_moments(jnp.asarray(z), 3)
     for g in range(3):
-        part = z[2 * g: 2 * g + 2]
+        part = z[2 * g : 2 * g + 2]
         np.testing.assert_allclose(mu[g], part.mean((0, 1, 2)), rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(var[g], part.var((0, 1, 2)), rtol=1e-5, atol=1e-6)
 

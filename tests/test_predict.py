@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from d2am_jax import checkpointing, meta, predict
+from d2am_jax import checkpointing, predict
+from d2am_jax import state as state_lib
 from d2am_jax.configs import smoke
 from d2am_jax.data import faces
 from d2am_jax.data.color import rgb_to_model_input
@@ -25,7 +26,8 @@ def _model_scores(config, state, rgb_frames):
     """The live probability of each frame, computed here without predict.py."""
     r = config.data.resolution
     x = rgb_to_model_input(np.stack([faces.resize_square(f, r) for f in rgb_frames]))
-    return np.asarray(meta.make_predict(config)(state.params, state.batch_stats, x), np.float64)
+    predict = state_lib.make_predict(config)
+    return np.asarray(predict(state.params, state.batch_stats, x), np.float64)
 
 
 @pytest.fixture(scope="module")
@@ -41,13 +43,13 @@ def workdir(tmp_path_factory, frames):
     """A workdir whose best checkpoint holds untrained weights and a threshold between the
     frames' scores."""
     config = _config()
-    state = meta.init_state(config, jax.random.PRNGKey(5))
+    state = state_lib.init_state(config, jax.random.PRNGKey(5))
     scores = _model_scores(config, state, frames)
     threshold = float(np.median(scores))
     path = str(tmp_path_factory.mktemp("run"))
     ckpt = checkpointing.Checkpointer(path, 1)
     record = {"epoch": 1, "step": 4, "threshold": threshold, "threshold_mode": "source_val"}
-    ckpt.save(4, state, np.zeros(8, np.int32), np.zeros((0, 0)),
+    ckpt.save(4, state, np.zeros(8, np.int32),
               {"config": json.loads(config.to_json_best_effort()), "results": [record]},
               best=True)
     ckpt.close()

@@ -7,11 +7,10 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
+from test_builders import fake_casia, fake_msu, fake_replay  # fake releases (same folder)
 
 from d2am_jax.data import build, protocols
 from d2am_jax.data.protocols import Part
-
-from test_builders import fake_casia, fake_msu, fake_replay  # fake releases (same folder)
 
 tfds.disable_progress_bar()
 

@@ -6,8 +6,13 @@ import itertools
 import numpy as np
 import pytest
 
-from d2am_jax.data.synthetic import (NUM_DESIGNED, SyntheticConfig, domain_style, generate,
-                                     generate_domain)
+from d2am_jax.data.synthetic import (
+    NUM_DESIGNED,
+    SyntheticConfig,
+    domain_style,
+    generate,
+    generate_domain,
+)
 
 SMALL = SyntheticConfig(resolution=32, num_domains=NUM_DESIGNED, per_domain=24,
                         frames_per_video=4, seed=3)

@@ -16,8 +16,9 @@ def get_model_config() -> ml_collections.ConfigDict:
     m.bn_momentum = 0.9            # running statistics for evaluation (training uses batch stats)
     m.bn_epsilon = 1e-5
     # Fused BatchNorm units, Winograd convolutions, GEMM-based backward passes (ops.py; same maths,
-    # faster on CPU). False: plain jnp with XLA's own convolutions and derivatives.
-    m.fast_conv_grad = True
+    # tuned on CPU). 'auto': those on CPU, XLA's own convolutions and derivatives on GPU/TPU;
+    # True / False force either. Any type (a str or a bool), hence the FieldReference.
+    m.fast_conv_grad = ml_collections.FieldReference("auto", field_type=object)
     return m
 
 

@@ -1,4 +1,5 @@
-"""Data: TFDS builders (synthetic, manifest, OULU/CASIA/Replay/MSU), protocols and the meta-batch sampler.
+"""Data: TFDS builders (synthetic, manifest, OULU/CASIA/Replay/MSU), the host dataset type, sources,
+protocols and the meta-batch sampler.
 
 Host-only code: numpy, PIL, OpenCV and tensorflow-datasets (no TensorFlow), never jax.
 """

@@ -1,12 +1,11 @@
 """Reads a built FAS dataset (ArrayRecord via tfds' `as_data_source`) into a host-side `FasData`:
-labels, video, domain arrays in memory; frames and depth maps decoded with PIL on demand.
+labels, video, domain, attack arrays in memory; frames and depth maps decoded with PIL on demand.
 
 Host-only: numpy, PIL and tensorflow-datasets' data sources; no jax, no TensorFlow.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import io
 import logging
@@ -17,7 +16,9 @@ from PIL import Image
 import tensorflow_datasets as tfds
 
 from d2am_jax.data import builders
+from d2am_jax.data.dataset import FasData
 from d2am_jax.data.depth import face_depth_prior
+from d2am_jax.errors import MissingFileError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ def decode_png_or_jpeg(blob: bytes, what: str) -> np.ndarray:
             img.load()
             return np.asarray(img)
     except (OSError, ValueError) as e:
-        raise ValueError(f"{what}: stored image bytes cannot be decoded ({e})") from e
+        raise UserError(f"{what}: stored image bytes cannot be decoded ({e})") from e
 
 
 class EncodedFrames:
@@ -88,7 +89,7 @@ class EncodedFrames:
     def decode_one(self, i: int) -> np.ndarray:
         rgb = decode_png_or_jpeg(self.records.bytes_of(int(i), "image"), self._names[i])
         if rgb.shape != self.shape + (3,) or rgb.dtype != np.uint8:
-            raise ValueError(f"{self._names[i]}: stored frame has shape {rgb.shape} "
+            raise UserError(f"{self._names[i]}: stored frame has shape {rgb.shape} "
                              f"{rgb.dtype}, expected {self.shape + (3,)} uint8")
         return rgb
 
@@ -138,65 +139,25 @@ def _prior(size: int) -> np.ndarray:
     return face_depth_prior(size)
 
 
-@dataclasses.dataclass
-class FasData:
-    """n examples on the host. `domain` is for analysis and the 'w/ d' ablation only; `video` is
-    '<dataset>:<video id>' so ids stay unique when datasets are pooled."""
-
-    frames: EncodedFrames
-    labels: np.ndarray        # int32 [n], 1 live, 0 spoof
-    depth: DepthStore
-    video: np.ndarray         # str [n]
-    domain: np.ndarray        # str [n]
-    attack: np.ndarray        # str [n], '' for live
-    frame: np.ndarray         # int32 [n], frame index within its video
-    origin: np.ndarray        # str [n], '<dataset>/<split>' each example was read from
-    skipped: list = dataclasses.field(default_factory=list)  # items the builds skipped
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def take(self, idx) -> "FasData":
-        idx = np.asarray(idx)
-        if idx.dtype == bool:
-            idx = np.flatnonzero(idx)
-        return FasData(self.frames.take(idx), self.labels[idx], self.depth.take(idx),
-                       self.video[idx], self.domain[idx], self.attack[idx], self.frame[idx],
-                       self.origin[idx], list(self.skipped))
-
-    @staticmethod
-    def concat(parts: list["FasData"]) -> "FasData":
-        if not parts:
-            raise ValueError("FasData.concat: nothing to concatenate")
-        shapes = {p.frames.shape for p in parts}
-        sizes = {p.depth.size for p in parts}
-        if len(shapes) > 1 or len(sizes) > 1:
-            raise ValueError(f"FasData.concat: parts differ in frame shape {sorted(shapes)} or "
-                             f"depth size {sorted(sizes)}; build them at one resolution")
-        records = Records.concat([p.frames.records for p in parts])
-        labels = np.concatenate([p.labels for p in parts])
-        cat = lambda f: np.concatenate([getattr(p, f) for p in parts])  # noqa: E731
-        names = np.concatenate([p.frames._names for p in parts])
-        return FasData(
-            EncodedFrames(records, parts[0].frames.shape, names), labels,
-            DepthStore(records, labels, cat_has_map(parts), parts[0].depth.size),
-            cat("video"), cat("domain"), cat("attack"), cat("frame"), cat("origin"),
-            [s for p in parts for s in p.skipped])
-
-    def class_counts(self) -> dict[str, int]:
-        return {"live": int((self.labels == 1).sum()), "spoof": int((self.labels == 0).sum())}
-
-    def require_both_classes(self, what: str) -> None:
-        """Fail before training when a set lacks live or spoof examples."""
-        counts = self.class_counts()
-        empty = [k for k, v in counts.items() if v == 0]
-        if empty:
-            raise ValueError(f"{what}: no {' and no '.join(empty)} examples "
-                             f"({counts}; from {sorted(set(self.origin))})")
-
-
-def cat_has_map(parts: list[FasData]) -> np.ndarray:
-    return np.concatenate([p.depth.has_map for p in parts])
+def concat(parts: list[FasData]) -> FasData:
+    """Built datasets' examples pooled into one FasData (frames and depth stay encoded records)."""
+    if not parts:
+        raise ValueError("concat: nothing to concatenate")
+    shapes = {p.frames.shape for p in parts}
+    sizes = {p.depth.size for p in parts}
+    if len(shapes) > 1 or len(sizes) > 1:
+        raise UserError(f"pooled datasets differ in frame shape {sorted(shapes)} or depth size "
+                        f"{sorted(sizes)}; build them at one resolution")
+    records = Records.concat([p.frames.records for p in parts])
+    labels = np.concatenate([p.labels for p in parts])
+    cat = lambda f: np.concatenate([getattr(p, f) for p in parts])  # noqa: E731
+    names = np.concatenate([p.frames._names for p in parts])
+    has_map = np.concatenate([p.depth.has_map for p in parts])
+    return FasData(
+        EncodedFrames(records, parts[0].frames.shape, names), labels,
+        DepthStore(records, labels, has_map, parts[0].depth.size),
+        cat("video"), cat("domain"), cat("attack"), cat("frame"), cat("origin"),
+        [s for p in parts for s in p.skipped])
 
 
 def load(name: str, split: str, data_dir: str, config: dict | None = None, *,
@@ -209,7 +170,7 @@ def load(name: str, split: str, data_dir: str, config: dict | None = None, *,
     builder = builders.builder(name, data_dir, config)
     if not builder.is_prepared():
         overrides = " ".join(f"--config {k}={v}" for k, v in (config or {}).items())
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{name} (config {builder.builder_config.name}) is not built in {data_dir}; run: "
             f"python -m d2am_jax.data.build {name} --data_dir {data_dir} "
             f"--manual_dir <release folder> {overrides}".rstrip())
@@ -226,12 +187,12 @@ def load_directory(path: str, split: str, *, depth_size: int | None = None,
 def from_builder(builder, split: str, *, depth_size: int | None = None,
                  in_memory: bool = True) -> FasData:
     if split not in builder.info.splits:
-        raise ValueError(f"{builder.name}: no split {split!r}; it has "
+        raise UserError(f"{builder.name}: no split {split!r}; it has "
                          f"{sorted(builder.info.splits.keys())}")
     source = builder.as_data_source(split)
     n = len(source)
     if n == 0:
-        raise ValueError(f"{builder.name}/{split} in {builder.data_dir} is empty")
+        raise UserError(f"{builder.name}/{split} in {builder.data_dir} is empty")
     meta = {k: [] for k in ("label", "video", "domain", "attack", "frame", "has_depth", "image",
                             "depth")}
     for start in range(0, n, _CHUNK):
@@ -248,7 +209,7 @@ def from_builder(builder, split: str, *, depth_size: int | None = None,
     labels = np.asarray(meta["label"], np.int32)
     bad = sorted(set(labels.tolist()) - {0, 1})
     if bad:
-        raise ValueError(f"{builder.name}/{split}: labels {bad} outside {{0 spoof, 1 live}}")
+        raise UserError(f"{builder.name}/{split}: labels {bad} outside {{0 spoof, 1 live}}")
     blobs = None
     if in_memory:
         blobs = {k: np.empty(n, object) for k in ("image", "depth")}

@@ -17,8 +17,11 @@ import re
 
 import numpy as np
 
-from d2am_jax.data import loader
-from d2am_jax.data.builders import LETTERS
+from d2am_jax.data.dataset import FasData
+from d2am_jax.errors import UserError
+
+# The DG FAS literature's one-letter names of the built datasets.
+LETTERS = {"O": "oulu_npu", "C": "casia_fasd", "I": "replay_attack", "M": "msu_mfsd"}
 
 SPLITS = {"ssdg": (("train", "test"), ("train", "test")),
           "strict": (("train",), ("test",))}
@@ -43,11 +46,11 @@ class Protocol:
 def cross_dataset(sources: str, target: str, splits: str = "ssdg") -> Protocol:
     """A leave-datasets-out protocol from the literature's letters, e.g. ('OCI', 'M')."""
     if splits not in SPLITS:
-        raise ValueError(f"splits must be one of {sorted(SPLITS)}, got {splits!r}")
+        raise UserError(f"splits must be one of {sorted(SPLITS)}, got {splits!r}")
     letters = list(sources) + [target]
     unknown = [c for c in letters if c not in LETTERS]
     if unknown or len(set(letters)) != len(letters) or not sources:
-        raise ValueError(f"protocol {sources}→{target}: expected distinct letters from "
+        raise UserError(f"protocol {sources}→{target}: expected distinct letters from "
                          f"{sorted(LETTERS)} (O OULU-NPU, C CASIA-FASD, I Replay-Attack, "
                          f"M MSU-MFSD)")
     src_splits, tgt_splits = SPLITS[splits]
@@ -65,7 +68,7 @@ def get(name: str, splits: str = "ssdg") -> Protocol:
     """A cross-dataset protocol by name: 'OCI_M', 'O&C&I→M', 'O_C_I_to_M', 'OCI->M' alike."""
     m = re.fullmatch(r"\s*([OCIM&_,\s]+?)\s*(?:→|->|_to_|_|>)\s*([OCIM])\s*", name)
     if not m:
-        raise ValueError(f"unknown protocol {name!r}; expected e.g. 'O&C&I→M' or one of "
+        raise UserError(f"unknown protocol {name!r}; expected e.g. 'O&C&I→M' or one of "
                          f"{PAPER_PROTOCOLS}")
     return cross_dataset(re.sub(r"[&_,\s]", "", m.group(1)), m.group(2), splits)
 
@@ -76,11 +79,11 @@ def domain_protocol(dataset: str, source: list[str], target: list[str], split: s
     column; its single split is 'frames')."""
     source, target = tuple(source), tuple(target)
     if not source or not target:
-        raise ValueError(f"{dataset}: both the source and the target need at least one domain "
+        raise UserError(f"{dataset}: both the source and the target need at least one domain "
                          f"(got source={list(source)}, target={list(target)})")
     both = sorted(set(source) & set(target))
     if both:
-        raise ValueError(f"{dataset}: domains {both} are in both the source and the target")
+        raise UserError(f"{dataset}: domains {both} are in both the source and the target")
     return Protocol(name or f"{dataset}: {'&'.join(source)}→{'&'.join(target)}",
                     (Part(dataset, (split,), source),), (Part(dataset, (split,), target),))
 
@@ -90,7 +93,7 @@ def synthetic(source: list[int], target: list[int]) -> Protocol:
     from d2am_jax.data.builders.synthetic import domain_split
     both = sorted(set(source) & set(target))
     if both or not source or not target:
-        raise ValueError(f"fas_synthetic: source {list(source)} and target {list(target)} must "
+        raise UserError(f"fas_synthetic: source {list(source)} and target {list(target)} must "
                          "be non-empty and disjoint")
     return Protocol(f"fas_synthetic: {'&'.join(map(str, source))}→{'&'.join(map(str, target))}",
                     (Part("fas_synthetic", tuple(domain_split(d) for d in source)),),
@@ -98,17 +101,18 @@ def synthetic(source: list[int], target: list[int]) -> Protocol:
 
 
 def load(protocol: Protocol, data_dir: str, configs: dict[str, dict] | None = None, *,
-         depth_size: int | None = None,
-         in_memory: bool = True) -> tuple[loader.FasData, loader.FasData]:
+         depth_size: int | None = None, in_memory: bool = True) -> tuple[FasData, FasData]:
     """(pooled source, target) of a protocol from datasets built in data_dir.
 
     configs: per dataset name, the config overrides it was built with. depth_size, in_memory:
     as in loader.load. Fails before training if
     a requested domain is absent, or the source or the target lacks live or spoof examples.
     """
-    cache: dict[tuple[str, str], loader.FasData] = {}
+    from d2am_jax.data import loader  # reads ArrayRecord through tensorflow_datasets
 
-    def part_data(part: Part) -> loader.FasData:
+    cache: dict[tuple[str, str], FasData] = {}
+
+    def part_data(part: Part) -> FasData:
         pieces = []
         for split in part.splits:
             key = (part.dataset, split)
@@ -117,18 +121,18 @@ def load(protocol: Protocol, data_dir: str, configs: dict[str, dict] | None = No
                                          (configs or {}).get(part.dataset), depth_size=depth_size,
                                          in_memory=in_memory)
             pieces.append(cache[key])
-        data = loader.FasData.concat(pieces)
+        data = loader.concat(pieces)
         if not part.domains:
             return data
         present = set(data.domain.tolist())
         absent = [d for d in part.domains if d not in present]
         if absent:
-            raise ValueError(f"protocol {protocol.name}: domain(s) {absent} not in "
+            raise UserError(f"protocol {protocol.name}: domain(s) {absent} not in "
                              f"{part.dataset} {list(part.splits)}; it has {sorted(present)}")
         return data.take(np.isin(data.domain, np.asarray(part.domains)))
 
-    source = loader.FasData.concat([part_data(p) for p in protocol.source])
-    target = loader.FasData.concat([part_data(p) for p in protocol.target])
+    source = loader.concat([part_data(p) for p in protocol.source])
+    target = loader.concat([part_data(p) for p in protocol.target])
     source.require_both_classes(f"protocol {protocol.name}: source")
     target.require_both_classes(f"protocol {protocol.name}: target")
     return source, target

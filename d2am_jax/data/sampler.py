@@ -6,7 +6,8 @@ Host-only numpy (no jax): frame stores (in memory, or decoded once and cached), 
 from __future__ import annotations
 
 import logging
-from typing import Callable, Iterator, Protocol
+from collections.abc import Callable, Iterator
+from typing import Protocol
 
 import cv2
 import numpy as np

@@ -1,6 +1,7 @@
 """Benchmark of the jitted D²AM meta-step (not a test): images/s, step time, compile time, memory.
 
-    python experiments/bench/meta_step.py --resolution 64 --per-domain-batch 32 --width 1.0 --order second
+    python experiments/bench/meta_step.py --resolution 64 --per-domain-batch 32 --width 1.0 \
+        --order second
 
 Prints one JSON line. Compile time is excluded from step times; the step time is the median of
 --steps timed steps after --warmup untimed ones. The step runs as train.py runs it: compiled once,
@@ -18,11 +19,15 @@ import jax
 import numpy as np
 
 from d2am_jax import meta, runtime
+from d2am_jax import state as state_lib
 from d2am_jax.configs import default
+from d2am_jax.data.dataset import depth_size
 
 
 def parse_args():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--resolution", type=int, default=64)
     p.add_argument("--per-domain-batch", type=int, default=32)
     p.add_argument("--width", type=float, default=1.0)
@@ -36,7 +41,8 @@ def parse_args():
 
 
 def matmul_gflop_s() -> float:
-    """This machine's float32 GEMM rate right now (4096², jax): the yardstick for achieved FLOP/s."""
+    """This machine's float32 GEMM rate right now (4096², jax): the yardstick for achieved
+    FLOP/s."""
     a = jax.numpy.ones((4096, 4096), jax.numpy.float32)
     f = jax.jit(jax.numpy.dot)
     jax.block_until_ready(f(a, a))
@@ -73,7 +79,7 @@ def main():
     config.meta.per_domain_batch = args.per_domain_batch
     config.meta.grad_cosine = args.grad_cosine
     k, b, r = args.num_domains, args.per_domain_batch, args.resolution
-    g = meta.depth_size(r)
+    g = depth_size(r)
     rng = np.random.default_rng(0)
 
     def batch():
@@ -81,18 +87,20 @@ def main():
         return {
             "x": jax.device_put(rng.random((k, b, r, r, 6), dtype=np.float32)),
             "y": jax.device_put(y),
-            "depth": jax.device_put(rng.random((k, b, g, g), dtype=np.float32) * y[:, :, None, None]),
+            "depth": jax.device_put(
+                rng.random((k, b, g, g), dtype=np.float32) * y[:, :, None, None]
+            ),
         }
 
     second = args.order == "second"
-    state = meta.init_state(config, jax.random.PRNGKey(0))
+    state = state_lib.init_state(config, jax.random.PRNGKey(0))
     step = meta.make_meta_step(config)
     data = batch()
     flops = step_flops(config, state, data, second)
     t0 = time.perf_counter()
     compiled = step.jitted.lower(state, data, second_order=second).compile()
     compile_s = time.perf_counter() - t0
-    runtime.release_host_memory()   # as train.py does after compiling
+    runtime.release_host_memory()  # as train.py does after compiling
 
     times = []
     for i in range(args.warmup + args.steps):
@@ -105,21 +113,31 @@ def main():
             times.append(time.perf_counter() - t)
     step_s = statistics.median(times)
     images = k * b
-    print(json.dumps({
-        "images_per_s": round(images / step_s, 3),
-        "step_s": round(step_s, 4),
-        "step_s_all": [round(t, 4) for t in times],
-        "compile_s": round(compile_s, 2),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "xla_flops_per_step": flops,
-        "achieved_tflop_s": round(flops / step_s / 1e12, 4),
-        "matmul_gflop_s": round(peak, 1),
-        "fraction_of_matmul_peak": round(flops / step_s / 1e9 / peak, 3),
-        "order": args.order, "resolution": r, "per_domain_batch": b, "num_domains": k,
-        "width": args.width, "fast_conv_grad": config.model.fast_conv_grad,
-        "loss": float(metrics["loss/total"]), "device": jax.devices()[0].device_kind,
-        "jax": jax.__version__, "machine": platform.machine(),
-    }))
+    print(
+        json.dumps(
+            {
+                "images_per_s": round(images / step_s, 3),
+                "step_s": round(step_s, 4),
+                "step_s_all": [round(t, 4) for t in times],
+                "compile_s": round(compile_s, 2),
+                "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                "xla_flops_per_step": flops,
+                "achieved_tflop_s": round(flops / step_s / 1e12, 4),
+                "matmul_gflop_s": round(peak, 1),
+                "fraction_of_matmul_peak": round(flops / step_s / 1e9 / peak, 3),
+                "order": args.order,
+                "resolution": r,
+                "per_domain_batch": b,
+                "num_domains": k,
+                "width": args.width,
+                "fast_conv_grad": config.model.fast_conv_grad,
+                "loss": float(metrics["loss/total"]),
+                "device": jax.devices()[0].device_kind,
+                "jax": jax.__version__,
+                "machine": platform.machine(),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

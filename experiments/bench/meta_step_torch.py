@@ -23,7 +23,9 @@ import torch.nn.functional as F
 
 
 def parse_args():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--resolution", type=int, default=64)
     p.add_argument("--per-domain-batch", type=int, default=32)
     p.add_argument("--width", type=float, default=1.0)
@@ -41,8 +43,11 @@ def scaled(c, width):
 
 
 def cbr(cin, cout):
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout, momentum=0.1),
-                         nn.ReLU(inplace=False))
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+        nn.BatchNorm2d(cout, momentum=0.1),
+        nn.ReLU(inplace=False),
+    )
 
 
 class DRLM(nn.Module):
@@ -53,9 +58,9 @@ class DRLM(nn.Module):
         self.wp = nn.Linear(c, 1)
 
     def forward(self, f):
-        a = torch.sigmoid(self.w2(F.relu(self.w1(f.mean((2, 3))))))        # Eq. 4
-        f_plus = f * a[:, :, None, None]                                       # Eq. 5
-        f_minus = f - f_plus                                                   # Eq. 6
+        a = torch.sigmoid(self.w2(F.relu(self.w1(f.mean((2, 3))))))  # Eq. 4
+        f_plus = f * a[:, :, None, None]  # Eq. 5
+        f_minus = f - f_plus  # Eq. 6
         return f_plus, self.wp(f_minus.mean((2, 3)))[:, 0]
 
 
@@ -66,8 +71,14 @@ class FeatureExtractor(nn.Module):
         self.stem = cbr(6, s(64))
         blocks, drlms, cin = [], [], s(64)
         for _ in range(3):
-            blocks.append(nn.Sequential(cbr(cin, s(128)), cbr(s(128), s(196)), cbr(s(196), s(128)),
-                                        nn.MaxPool2d(3, 2, 1)))
+            blocks.append(
+                nn.Sequential(
+                    cbr(cin, s(128)),
+                    cbr(s(128), s(196)),
+                    cbr(s(196), s(128)),
+                    nn.MaxPool2d(3, 2, 1),
+                )
+            )
             drlms.append(DRLM(s(128)))
             cin = s(128)
         self.blocks, self.drlms = nn.ModuleList(blocks), nn.ModuleList(drlms)
@@ -86,17 +97,27 @@ class DepthEstimator(nn.Module):
     def __init__(self, width):
         super().__init__()
         s = lambda c: scaled(c, width)
-        self.body = nn.Sequential(cbr(3 * s(128), s(128)), cbr(s(128), s(64)), nn.Conv2d(s(64), 1, 3, padding=1))
+        self.body = nn.Sequential(
+            cbr(3 * s(128), s(128)), cbr(s(128), s(64)), nn.Conv2d(s(64), 1, 3, padding=1)
+        )
 
     def forward(self, outs):
         size = outs[-1].shape[2:]
-        x = torch.cat([o if o.shape[2:] == size else F.interpolate(o, size, mode="bilinear", align_corners=False)
-                       for o in outs], 1)
+        x = torch.cat(
+            [
+                o
+                if o.shape[2:] == size
+                else F.interpolate(o, size, mode="bilinear", align_corners=False)
+                for o in outs
+            ],
+            1,
+        )
         return self.body(x)[:, 0]
 
 
 def meta_learner_params(width, feat_channels, adaptation_dim=512):
-    """θ_M as a flat dict of leaf tensors: M runs functionally so the inner step can be differentiated."""
+    """θ_M as a flat dict of leaf tensors: M runs functionally so the inner step can be
+    differentiated."""
     s = lambda c: scaled(c, width)
     p, cin = {}, feat_channels
     for i, c in enumerate((s(128), s(256), s(512))):
@@ -106,14 +127,23 @@ def meta_learner_params(width, feat_channels, adaptation_dim=512):
         cin = c
     lin = nn.Linear(cin, adaptation_dim)
     out = nn.Linear(adaptation_dim, 1)
-    p.update({"h.w": lin.weight.data, "h.b": lin.bias.data, "out.w": out.weight.data, "out.b": out.bias.data})
+    p.update(
+        {
+            "h.w": lin.weight.data,
+            "h.b": lin.bias.data,
+            "out.w": out.weight.data,
+            "out.b": out.bias.data,
+        }
+    )
     return {k: v.clone().requires_grad_(True) for k, v in p.items()}
 
 
 def meta_learner(p, x):
     for i in range(3):
         x = F.conv2d(x, p[f"conv{i}"], padding=1)
-        x = F.relu(F.batch_norm(x, None, None, p[f"bn{i}.w"], p[f"bn{i}.b"], training=True, eps=1e-5))
+        x = F.relu(
+            F.batch_norm(x, None, None, p[f"bn{i}.w"], p[f"bn{i}.b"], training=True, eps=1e-5)
+        )
         if i < 2:
             x = F.max_pool2d(x, 3, 2, 1)
     h = F.linear(x.mean((2, 3)), p["h.w"], p["h.b"])
@@ -131,7 +161,9 @@ def mmd_to_prior(h, prior, bandwidths=(0.5, 1.0, 2.0, 4.0)):
 
 def m_loss(p, feat, y, lambda_m=0.05):
     logit, h = meta_learner(p, feat)
-    return F.binary_cross_entropy_with_logits(logit, y) + lambda_m * mmd_to_prior(h, torch.randn_like(h))
+    return F.binary_cross_entropy_with_logits(logit, y) + lambda_m * mmd_to_prior(
+        h, torch.randn_like(h)
+    )
 
 
 def domain_entropy(p_logits):
@@ -148,7 +180,10 @@ def main():
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
-    E, D = FeatureExtractor(args.width).to(memory_format=fmt), DepthEstimator(args.width).to(memory_format=fmt)
+    E, D = (
+        FeatureExtractor(args.width).to(memory_format=fmt),
+        DepthEstimator(args.width).to(memory_format=fmt),
+    )
     pm = meta_learner_params(args.width, scaled(128, args.width))
     params = list(E.parameters()) + list(D.parameters()) + list(pm.values())
     opt = torch.optim.Adam(params, lr=1e-4)
@@ -162,11 +197,15 @@ def main():
     def batch():
         y = torch.cat([torch.ones(b // 2), torch.zeros(b - b // 2)]).repeat(k, 1)
         x = torch.rand(k, b, 6, r, r)
-        return [x[i].contiguous(memory_format=fmt) for i in range(k)], y, torch.rand(k, b, g, g) * y[:, :, None, None]
+        return (
+            [x[i].contiguous(memory_format=fmt) for i in range(k)],
+            y,
+            torch.rand(k, b, g, g) * y[:, :, None, None],
+        )
 
     def step(xs, y, depth):
         feats, l_dep, l_p = [], 0.0, 0.0
-        for i in range(k):                       # BatchNorm statistics per domain batch
+        for i in range(k):  # BatchNorm statistics per domain batch
             feat, outs, p_logits = E(xs[i])
             l_dep = l_dep + F.mse_loss(D(outs), depth[i])
             if i < k - 1:
@@ -175,7 +214,9 @@ def main():
         total = l_dep + lambda_p * l_p
         for i in range(k - 1):
             loss_i = m_loss(pm, feats[i], y[i])
-            grads = torch.autograd.grad(loss_i, list(pm.values()), create_graph=second, retain_graph=True)
+            grads = torch.autograd.grad(
+                loss_i, list(pm.values()), create_graph=second, retain_graph=True
+            )
             adapted = {n: w - alpha * gw for (n, w), gw in zip(pm.items(), grads)}
             total = total + loss_i + m_loss(adapted, feats[k - 1], y[k - 1])
         opt.zero_grad(set_to_none=True)
@@ -191,15 +232,26 @@ def main():
         if i >= args.warmup:
             times.append(time.perf_counter() - t)
     step_s = statistics.median(times)
-    print(json.dumps({
-        "images_per_s": round(k * b / step_s, 3),
-        "step_s": round(step_s, 4),
-        "step_s_all": [round(t, 4) for t in times],
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "order": args.order, "resolution": r, "per_domain_batch": b, "num_domains": k, "width": args.width,
-        "channels_last": args.channels_last, "threads": torch.get_num_threads(), "loss": loss,
-        "torch": torch.__version__, "machine": platform.machine(),
-    }))
+    print(
+        json.dumps(
+            {
+                "images_per_s": round(k * b / step_s, 3),
+                "step_s": round(step_s, 4),
+                "step_s_all": [round(t, 4) for t in times],
+                "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                "order": args.order,
+                "resolution": r,
+                "per_domain_batch": b,
+                "num_domains": k,
+                "width": args.width,
+                "channels_last": args.channels_last,
+                "threads": torch.get_num_threads(),
+                "loss": loss,
+                "torch": torch.__version__,
+                "machine": platform.machine(),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -21,11 +21,15 @@ import jax
 import numpy as np
 
 from d2am_jax import meta
+from d2am_jax import state as state_lib
 from d2am_jax.configs import default
+from d2am_jax.data.dataset import depth_size
 
 
 def parse_args():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--resolution", type=int, default=64)
     p.add_argument("--per-domain-batch", type=int, default=32)
     p.add_argument("--width", type=float, default=1.0)
@@ -46,15 +50,18 @@ def main():
     config.model.width = args.width
     config.meta.per_domain_batch = args.per_domain_batch
     k, b, r = config.meta.num_domains, args.per_domain_batch, args.resolution
-    g = meta.depth_size(r)
+    g = depth_size(r)
     rng = np.random.default_rng(0)
     y = np.tile(np.r_[np.ones(b // 2), np.zeros(b - b // 2)], (k, 1)).astype(np.float32)
-    data = {"x": rng.random((k, b, r, r, 6), dtype=np.float32), "y": y,
-            "depth": rng.random((k, b, g, g), dtype=np.float32) * y[:, :, None, None]}
+    data = {
+        "x": rng.random((k, b, r, r, 6), dtype=np.float32),
+        "y": y,
+        "depth": rng.random((k, b, g, g), dtype=np.float32) * y[:, :, None, None],
+    }
     second = args.order == "second"
-    state = meta.init_state(config, jax.random.PRNGKey(0))
+    state = state_lib.init_state(config, jax.random.PRNGKey(0))
     step = meta.make_meta_step(config)
-    state, m = step(state, data, second_order=second)   # compile + warm-up
+    state, m = step(state, data, second_order=second)  # compile + warm-up
     jax.block_until_ready(m)
     out = tempfile.mkdtemp(prefix="d2am_profile_")
     with jax.profiler.trace(out, create_perfetto_trace=True):
@@ -64,8 +71,17 @@ def main():
     with gzip.open(path) as f:
         events = json.load(f)["traceEvents"]
     by_kind, by_op = collections.Counter(), collections.Counter()
-    wall = max((e["dur"] for e in events if e.get("name") == "ThunkExecutor::Execute (wait for completion)"),
-               default=0) / 1e6
+    wall = (
+        max(
+            (
+                e["dur"]
+                for e in events
+                if e.get("name") == "ThunkExecutor::Execute (wait for completion)"
+            ),
+            default=0,
+        )
+        / 1e6
+    )
     # Some thunks run asynchronously (the dots XLA leaves to Eigen, large elementwise loops): their
     # own span covers only the dispatch, and a separate "end: NAME" event marks completion. Their
     # start-to-end spans are summed apart ("async_span_s"; they include waiting for the thread pool
@@ -82,7 +98,9 @@ def main():
         name = e.get("name", "")
         # Thunks carry HLO op names; skip the Python and runtime spans around them, and control
         # flow (`while`), whose body thunks are counted themselves.
-        if not re.match(r"^[a-z_][a-z0-9_\-]*(\.\d+)+$|^[a-z_]+$", name) or name.startswith(("pjit", "while")):
+        if not re.match(r"^[a-z_][a-z0-9_\-]*(\.\d+)+$|^[a-z_]+$", name) or name.startswith(
+            ("pjit", "while")
+        ):
             continue
         by_kind[kind(name)] += e["dur"] / 1e6
         by_op[name] += e["dur"] / 1e6
@@ -103,8 +121,16 @@ def main():
     outside = (max((b for _, b in spans), default=0) - first - covered) / 1e6
     total = sum(by_kind.values())
     # XLA:CPU runs independent thunks concurrently, so the op total can exceed the step's wall time.
-    print(json.dumps({"step_wall_s": round(wall, 3), "total_op_s": round(total, 3),
-                      "outside_spans_s": round(outside, 3), "trace": path}))
+    print(
+        json.dumps(
+            {
+                "step_wall_s": round(wall, 3),
+                "total_op_s": round(total, 3),
+                "outside_spans_s": round(outside, 3),
+                "trace": path,
+            }
+        )
+    )
     print(json.dumps({"async_span_s": {k: round(v, 2) for k, v in async_span.most_common(8)}}))
     for name, s in by_kind.most_common(args.top):
         print(json.dumps({"kind": name, "s": round(s, 3), "share": round(s / total, 3)}))

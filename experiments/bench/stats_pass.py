@@ -18,7 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from d2am_jax import meta, models, stats
+from d2am_jax import state as state_lib
 from d2am_jax.configs import default
+from d2am_jax.data.dataset import depth_size
 
 
 def random_tree(shapes, rng: np.random.Generator):
@@ -73,11 +75,11 @@ def meta_step_images_per_s(config, args, rng, steps: int = 2) -> float:
     """The meta-step on K × (batch / K) images, after one warm-up step."""
     k = config.meta.num_domains
     config.meta.per_domain_batch = args.batch // k
-    shapes = jax.eval_shape(lambda: meta.init_state(config, jax.random.PRNGKey(0)))
+    shapes = jax.eval_shape(lambda: state_lib.init_state(config, jax.random.PRNGKey(0)))
     # The root key (a raw uint32 PRNGKey, as meta.py expects) is set after the rest is drawn.
     state = jax.device_put(random_tree(shapes.replace(rng=None), rng))
     state = state.replace(rng=jax.random.PRNGKey(0))
-    b, r, g = config.meta.per_domain_batch, args.resolution, meta.depth_size(args.resolution)
+    b, r, g = config.meta.per_domain_batch, args.resolution, depth_size(args.resolution)
     y = np.tile(np.r_[np.ones(b // 2), np.zeros(b - b // 2)], (k, 1)).astype(np.float32)
     batch = {"x": rng.random((k, b, r, r, 6), np.float32), "y": y,
              "depth": rng.random((k, b, g, g), np.float32) * y[:, :, None, None]}

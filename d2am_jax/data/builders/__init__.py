@@ -16,6 +16,7 @@ from d2am_jax.data.builders.msu_mfsd import MsuMfsd
 from d2am_jax.data.builders.oulu_npu import OuluNpu
 from d2am_jax.data.builders.replay_attack import ReplayAttack
 from d2am_jax.data.builders.synthetic import FasSynthetic
+from d2am_jax.data.protocols import LETTERS
 
 BUILDERS: dict[str, type[FasBuilder]] = {
     "fas_synthetic": FasSynthetic,
@@ -25,8 +26,6 @@ BUILDERS: dict[str, type[FasBuilder]] = {
     "replay_attack": ReplayAttack,
     "msu_mfsd": MsuMfsd,
 }
-# The DG FAS literature's one-letter names.
-LETTERS = {"O": "oulu_npu", "C": "casia_fasd", "I": "replay_attack", "M": "msu_mfsd"}
 
 
 def builder(name: str, data_dir: str, config: dict[str, Any] | None = None,

@@ -1,0 +1,116 @@
+"""The one place a run's config is checked (choices, ranges, combinations), before anything loads
+or compiles, and the rule for which fields a resumed run may change.
+
+Host-only (no jax); every error names the field and what it expects.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+from d2am_jax import domains, metrics
+from d2am_jax.data.sources import DATA_NAMES
+from d2am_jax.errors import UserError
+
+METHODS = ("d2am", "erm")
+BEST_METRICS = {"val_eer": "min", "val_auc": "max"}
+# Config fields a resumed run may change: how long it runs and how it logs, and the learning
+# rates (the way out after a non-finite loss: resume the last good checkpoint with smaller ones).
+RESUMABLE_CHANGES = ("num_epochs", "log_every", "progress", "jax_cache_dir", "checkpoint.",
+                     "meta.outer_lr", "meta.inner_lr")
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _finite(value) -> bool:
+    return _number(value) and math.isfinite(value)
+
+
+def check(config) -> None:
+    """Raises UserError naming the first field whose value is not what it should be."""
+    def need(ok: bool, field: str, expected: str) -> None:
+        if not ok:
+            value = config
+            for part in field.split("."):
+                value = value[part]
+            raise UserError(f"config.{field}: expected {expected}, got {value!r}")
+
+    c, m, d, dc = config, config.meta, config.data, config.domains
+    need(c.method in METHODS, "method", f"one of {METHODS}")
+    need(c.domain_labels in domains.LABEL_MODES, "domain_labels",
+         f"one of {domains.LABEL_MODES}")
+    need(d.name in DATA_NAMES, "data.name", f"one of {DATA_NAMES}")
+    need(c.num_epochs >= 1, "num_epochs", "≥ 1")
+    need(c.steps_per_epoch >= 0, "steps_per_epoch", "≥ 0 (0 = one pass over the source)")
+    need(c.log_every >= 1, "log_every", "≥ 1")
+    need(c.seed >= 0, "seed", "≥ 0")
+    need(0.0 < d.source_val_fraction < 1.0, "data.source_val_fraction",
+         "a fraction in (0, 1): source validation sets the threshold and picks the best checkpoint")
+    need(d.resolution >= 8, "data.resolution", "≥ 8 pixels")
+    need(d.cache_bytes >= 0, "data.cache_bytes", "≥ 0 bytes")
+    need(str(c.model.fast_conv_grad).lower() in ("auto", "true", "false"),
+         "model.fast_conv_grad", "'auto', True or False")
+    need(round(64 * c.model.width) >= 1 if _finite(c.model.width) else False, "model.width",
+         "a multiplier that leaves E's 64-channel layer at least one channel (≥ 0.0079)")
+    need(c.model.drlm_reduction >= 1, "model.drlm_reduction", "τ ≥ 1")
+    need(c.model.adaptation_dim >= 1, "model.adaptation_dim", "≥ 1")
+    need(0.0 <= c.model.bn_momentum < 1.0, "model.bn_momentum", "a number in [0, 1)")
+    need(c.model.bn_epsilon > 0, "model.bn_epsilon", "> 0")
+    need(m.num_domains >= 2, "meta.num_domains", "K ≥ 2 (K-1 meta-train + 1 meta-test)")
+    need(m.per_domain_batch >= 2 and m.per_domain_batch % 2 == 0, "meta.per_domain_batch",
+         "an even number ≥ 2 (half live, half spoof)")
+    need(_finite(m.outer_lr) and m.outer_lr > 0, "meta.outer_lr", "a finite β > 0")
+    need(_finite(m.inner_lr) and m.inner_lr >= 0, "meta.inner_lr", "a finite α ≥ 0")
+    for field in ("lambda_p", "lambda_m", "weight_decay"):
+        need(_finite(m[field]) and m[field] >= 0, f"meta.{field}", "a finite number ≥ 0")
+    need(len(m.mmd_bandwidths) >= 1 and all(_finite(s) and s > 0 for s in m.mmd_bandwidths),
+         "meta.mmd_bandwidths", "one or more positive kernel widths")
+    need(dc.select in domains.SELECT_MODES, "domains.select", f"one of {domains.SELECT_MODES}")
+    need(_finite(dc.fraction) and 0.0 < dc.fraction <= 1.0, "domains.fraction",
+         "a share of channels in (0, 1]")
+    need(2 <= dc.k_min <= dc.k_max, "domains.k_min", "2 ≤ k_min ≤ k_max")
+    need(dc.n_init >= 1, "domains.n_init", "≥ 1")
+    need(dc.stats_batch_size >= 1, "domains.stats_batch_size", "≥ 1")
+    need(c.pretrained.batch_size >= 1, "pretrained.batch_size", "≥ 1")
+    need(c.eval.threshold_mode in metrics.THRESHOLD_MODES, "eval.threshold_mode",
+         f"one of {metrics.THRESHOLD_MODES}")
+    need(c.eval.batch_size >= 1, "eval.batch_size", "≥ 1")
+    need(c.eval.every_epochs >= 1, "eval.every_epochs", "≥ 1")
+    need(c.checkpoint.every_steps >= 1, "checkpoint.every_steps", "≥ 1")
+    need(c.checkpoint.keep >= 1, "checkpoint.keep", "≥ 1")
+    need(c.checkpoint.best_metric in BEST_METRICS, "checkpoint.best_metric",
+         f"one of {sorted(BEST_METRICS)}")
+    if c.method == "erm" and c.domain_labels != "pseudo":
+        raise UserError(f"config.domain_labels={c.domain_labels!r} has no effect with "
+                        f"method='erm' (no domains); leave it at 'pseudo'")
+
+
+def as_dict(config) -> dict:
+    """The config as plain JSON data (what checkpoints and config.json hold)."""
+    return json.loads(config.to_json_best_effort())
+
+
+def differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted names of the fields whose values differ between two config dicts."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}")
+    return out
+
+
+def resumable_changes(saved: dict, config, where: str) -> list[str]:
+    """The fields a resume changes (allowed: RESUMABLE_CHANGES); UserError for any other."""
+    changed = differences(saved, as_dict(config))
+    allowed = [f for f in changed if any(f == p or f.startswith(p) for p in RESUMABLE_CHANGES)]
+    refused = [f for f in changed if f not in allowed]
+    if refused:
+        raise UserError(f"{where} holds a run with a different config (fields {refused}); use a "
+                        f"new workdir, or the same values to resume")
+    return allowed

@@ -1,0 +1,53 @@
+"""Evaluation of a state on held-out data: live scores of every frame through the jitted
+prediction, then the FAS metrics (metrics.py) at the threshold the config names.
+
+The target's attack types go in, so APCER is the worst attack type's and ACER is ISO/IEC 30107-3's.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from d2am_jax import metrics, stats
+from d2am_jax.data.dataset import FasData
+
+RESULT_KEYS = ("epoch", "step", "hter", "auc", "eer", "tpr_at_fpr_1pct", "acer", "threshold",
+               "threshold_mode")
+_EXTRA_KEYS = ("val_eer", "val_auc", "unit", "num_live", "num_spoof", "apcer", "bpcer")
+
+
+def scores(predict, state, data: FasData, batch_size: int, resolution: int) -> np.ndarray:
+    """Live probabilities of every frame of `data`, in fixed-size padded batches (one compile)."""
+    out = []
+    for x, m in stats.padded_batches(data.frames, batch_size, resolution):
+        out.append(np.asarray(predict(state.params, state.batch_stats, x))[:m])
+    return np.concatenate(out).astype(np.float64)
+
+
+def evaluate(predict, state, target: FasData, val: FasData, config) -> dict:
+    """Target metrics (threshold by eval.threshold_mode) and the source-validation EER/AUC."""
+    bs, r = int(config.eval.batch_size), int(config.data.resolution)
+    val_scores = scores(predict, state, val, bs, r)
+    target_scores = scores(predict, state, target, bs, r)
+    per_video = bool(config.eval.per_video)
+    mode = config.eval.threshold_mode
+    kwargs = {}
+    if mode == "source_val":
+        kwargs = dict(val_labels=val.labels, val_scores=val_scores,
+                      val_video_ids=val.video if per_video else None)
+    elif mode == "fixed":
+        kwargs = dict(threshold=float(config.eval.threshold))
+    result = metrics.evaluate(target.labels, target_scores, threshold_mode=mode,
+                              video_ids=target.video if per_video else None,
+                              attack_types=target.attack, **kwargs)
+    val_result = metrics.evaluate(val.labels, val_scores, threshold_mode="test_eer",
+                                  video_ids=val.video if per_video else None)
+    result["val_eer"] = val_result["eer"]
+    result["val_auc"] = val_result["auc"]
+    return result
+
+
+def record(result: dict, epoch: int, step: int) -> dict:
+    """One results.json record from `evaluate`'s output (RESULT_KEYS first)."""
+    keys = RESULT_KEYS[2:] + _EXTRA_KEYS
+    return {"epoch": epoch, "step": step, **{key: result[key] for key in keys}}

@@ -1,0 +1,124 @@
+"""The training state and the one way the project jits a step: TrainState, its initialisation, the
+outer optimizer, `jit_step` (one compile per static signature, counted) and the jitted prediction.
+
+Both training steps (meta.py, erm.py), the stats pass and evaluation compile through `jit_step`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from d2am_jax import models, runtime
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array            # outer steps taken
+    params: Any                # {'E': ..., 'D': ..., 'M': ...}
+    batch_stats: Any           # running BatchNorm statistics, same keys
+    opt_state: Any             # outer optax state
+    rng: jax.Array             # root key; step keys are fold_in(rng, step)
+
+
+class JittedStep:
+    """A jitted function that counts its traces (`trace_count()`); `jitted` is the jax.jit object.
+
+    Every trace and call runs with jax's classic (non-partitionable) threefry: the project's random
+    streams are small and need no sharding, XLA:CPU compiles them ~10× faster (BENCHMARKS.md), and
+    results do not depend on the flag the user's session happens to set.
+    """
+
+    def __init__(self, fn: Callable, **jit_kwargs):
+        self._traces = 0
+
+        def counted(*args, **kwargs):
+            self._traces += 1      # Python side effect: runs once per trace, never per call
+            return fn(*args, **kwargs)
+
+        self.jitted = jax.jit(counted, **jit_kwargs)
+
+    def __call__(self, *args, **kwargs):
+        with runtime.project_random():
+            return self.jitted(*args, **kwargs)
+
+    def lower(self, *args, **kwargs):
+        with runtime.project_random():
+            return self.jitted.lower(*args, **kwargs)
+
+    def trace_count(self) -> int:
+        return self._traces
+
+
+def jit_step(fn: Callable, *, static_argnames=(), donate_state: bool = False,
+             training: bool = False) -> JittedStep:
+    """`fn` jitted: the state (first argument) donated if asked, training steps with the project's
+    XLA options (`runtime.training_compiler_options`)."""
+    kwargs: dict[str, Any] = {"static_argnames": static_argnames}
+    if donate_state:
+        kwargs["donate_argnums"] = (0,)
+    if training:
+        kwargs["compiler_options"] = runtime.training_compiler_options()
+    return JittedStep(fn, **kwargs)
+
+
+def outer_optimizer(meta_config) -> optax.GradientTransformation:
+    """Adam(β) on all parameters (Eq. 11–13)."""
+    if meta_config.weight_decay:
+        return optax.adamw(meta_config.outer_lr, weight_decay=meta_config.weight_decay)
+    return optax.adam(meta_config.outer_lr)
+
+
+def init_state(config, rng: jax.Array, batch_size: int = 2) -> TrainState:
+    """Fresh parameters for E, D and M at the config's resolution, and the outer optimizer state.
+
+    Jitted: run eagerly, flax's init would dispatch (and compile) every primitive one by one.
+    """
+    E, D, M = models.build_modules(config.model)
+    r = config.data.resolution
+    tx = outer_optimizer(config.meta)
+
+    def init(rng):
+        k_e, k_d, k_m, k_root = jax.random.split(rng, 4)
+        x = jnp.zeros((batch_size, r, r, models.INPUT_CHANNELS), jnp.float32)
+        vars_e = E.init(k_e, x, True)
+        feat, blocks, _ = E.apply(vars_e, x, True, mutable=["batch_stats"])[0]
+        vars_d = D.init(k_d, blocks, True)
+        vars_m = M.init(k_m, feat, True)
+        params = {"E": vars_e["params"], "D": vars_d["params"], "M": vars_m["params"]}
+        stats = {"E": vars_e["batch_stats"], "D": vars_d["batch_stats"],
+                 "M": vars_m["batch_stats"]}
+        return TrainState(jnp.zeros((), jnp.int32), params, stats, tx.init(params), k_root)
+
+    return JittedStep(init)(rng)
+
+
+def global_norm(tree) -> jax.Array:
+    """√(Σ‖leaf‖²) over a pytree (written out: optax renamed its helper across the versions
+    requirements.txt admits)."""
+    return jnp.sqrt(sum(jnp.vdot(x, x) for x in jax.tree.leaves(tree)))
+
+
+def gradient_norms(grads) -> dict[str, jax.Array]:
+    """The metrics both training steps report: the gradient norm of each module and in total."""
+    out = {f"grad_norm/{name}": global_norm(grads[name]) for name in ("E", "D", "M")}
+    out["grad_norm/total"] = global_norm(grads)
+    return out
+
+
+def make_predict(config) -> JittedStep:
+    """`predict(params, batch_stats, x[B, H, W, 6]) -> live probability [B]` with running BN
+    statistics (evaluation mode)."""
+    E, _, M = models.build_modules(config.model)
+
+    def predict(params, batch_stats, x):
+        feat = E.apply({"params": params["E"], "batch_stats": batch_stats["E"]}, x, False)[0]
+        logit, _ = M.apply({"params": params["M"], "batch_stats": batch_stats["M"]}, feat, False)
+        return jax.nn.sigmoid(logit)
+
+    return jit_step(predict)

@@ -225,14 +225,6 @@ def test_source_without_spoof_is_an_error():
         make(labels=np.ones(N, int))
 
 
-@pytest.mark.parametrize("kw, message", [
-    (dict(num_domains=1), "num_domains"), (dict(per_domain_batch=3), "per_domain_batch"),
-    (dict(depth_size=0), "depth_size")])
-def test_bad_sampler_settings(kw, message):
-    with pytest.raises(ValueError, match=message):
-        make(**kw)
-
-
 def test_frame_of_wrong_shape_or_channels_names_its_index():
     frames = list(indexed_frames(5))
     frames[3] = np.zeros((RES, RES, 4), np.uint8)

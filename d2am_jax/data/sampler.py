@@ -173,16 +173,8 @@ class MetaBatchSampler:
         n = len(frames)
         if n < 1:
             raise ValueError("MetaBatchSampler: the frame store is empty")
-        if num_domains < 2:
-            raise ValueError(f"MetaBatchSampler: num_domains (K) must be ≥ 2 (K−1 meta-train "
-                             f"domains and one meta-test domain), got {num_domains}")
-        if per_domain_batch < 2 or per_domain_batch % 2:
-            raise ValueError(f"MetaBatchSampler: per_domain_batch must be even and ≥ 2 (half "
-                             f"live, half spoof), got {per_domain_batch}")
-        if depth_size < 1:
-            raise ValueError(f"MetaBatchSampler: depth_size must be ≥ 1, got {depth_size}")
-        if seed < 0:
-            raise ValueError(f"MetaBatchSampler: seed must be ≥ 0, got {seed}")
+        # K ≥ 2, an even per-domain batch and the seed are checked with the config
+        # (config_check); the depth grid is derived from the resolution.
         self.frames = frames
         self.labels = self._checked_labels(labels, n)
         if depth is not None and len(depth) != n:

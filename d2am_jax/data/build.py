@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 
 import tensorflow_datasets as tfds
 
@@ -43,8 +44,11 @@ def build(name: str, data_dir: str, manual_dir: str | None = None, config: dict 
             else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
     if manual_dir is not None and not os.path.isdir(manual_dir):
         raise FileNotFoundError(f"--manual_dir {manual_dir} is not a folder")
-    b.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        manual_dir=manual_dir, download_mode=mode))
+    # Nothing is downloaded (every release is manual), but tfds' download manager makes
+    # <data_dir>/downloads/extracted anyway: give it a folder that goes away with the build.
+    with tempfile.TemporaryDirectory(prefix="d2am_build_downloads_") as downloads:
+        b.download_and_prepare(download_dir=downloads, download_config=tfds.download.DownloadConfig(
+            manual_dir=manual_dir, download_mode=mode))
     report = builders.read_report(b.data_dir) or {}
     return {"dataset": name, "config": b.builder_config.name, "path": b.data_dir,
             "examples": {s: b.info.splits[s].num_examples for s in b.info.splits.keys()},

@@ -155,6 +155,18 @@ def test_build_leaves_no_empty_folder(frames, tmp_path):
     assert empty == []
 
 
+def test_failed_build_leaves_no_folder_behind(frames, tmp_path):
+    write_manifest(str(frames), ["img/0.png,live,,,", "img/9.png,spoof,,,"])
+    out = tmp_path / "new" / "out"
+    with pytest.raises(BadItem, match="9.png does not exist"):
+        build.build("fas_manifest", str(out), str(frames), PNG)
+    assert not (tmp_path / "new").exists()
+    (out / "mine").mkdir(parents=True)  # folders that were there before are kept
+    with pytest.raises(BadItem, match="9.png does not exist"):
+        build.build("fas_manifest", str(out), str(frames), PNG)
+    assert os.listdir(out) == ["mine"]
+
+
 def test_absolute_and_parent_paths_resolve_as_documented(frames, tmp_path):
     sub = frames / "lists"
     sub.mkdir()

@@ -182,10 +182,6 @@ class RestrictedUnpickler(pickle.Unpickler):
         storage = self.storages.get(key)
         if storage is None:
             storage = self.storages[key] = _Storage(key, storage_type.dtype, numel)
-        elif (storage.dtype, storage.numel) != (storage_type.dtype, numel):
-            raise RefusedPickleError(f"{self.source}: storage '{key}' is announced twice, as "
-                                     f"{storage.numel} × {storage.dtype} and {numel} × "
-                                     f"{storage_type.dtype}")
         view = pid[5] if len(pid) == 6 else None
         if view is None:
             return storage
@@ -213,20 +209,27 @@ class _StorageView:
         return self.root.data[self.offset:self.offset + self.numel]
 
 
-def _materialize(obj, source: str, name: str = ""):
+def _materialize(obj, source: str, name: str = "", memo: dict | None = None):
     """Replace every _TensorRef in a nested container by its numpy array; `name` is the key path
-    ('layer1.0.conv1.weight'), for messages."""
-    if isinstance(obj, _TensorRef):
-        return obj.to_numpy(name or "<top level>", source)
+    ('layer1.0.conv1.weight'), for messages. A pickle can share one container many times (a list
+    holding the same list twice, 60 deep, is 2^60 visits): each object is converted once."""
+    memo = {} if memo is None else memo
+    if id(obj) in memo:
+        return memo[id(obj)][1]
     inner = lambda key: f"{name}.{key}" if name else str(key)  # noqa: E731
-    if isinstance(obj, collections.OrderedDict):
-        return collections.OrderedDict((k, _materialize(v, source, inner(k)))
-                                       for k, v in obj.items())
-    if isinstance(obj, Mapping):
-        return {k: _materialize(v, source, inner(k)) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_materialize(v, source, inner(i)) for i, v in enumerate(obj))
-    return obj
+    if isinstance(obj, _TensorRef):
+        out = obj.to_numpy(name or "<top level>", source)
+    elif isinstance(obj, collections.OrderedDict):
+        out = collections.OrderedDict((k, _materialize(v, source, inner(k), memo))
+                                      for k, v in obj.items())
+    elif isinstance(obj, Mapping):
+        out = {k: _materialize(v, source, inner(k), memo) for k, v in obj.items()}
+    elif isinstance(obj, (list, tuple)):
+        out = type(obj)(_materialize(v, source, inner(i), memo) for i, v in enumerate(obj))
+    else:
+        return obj
+    memo[id(obj)] = (obj, out)  # obj kept alive so its id is not reused while converting
+    return out
 
 
 def _storage_array(raw: bytes, storage: _Storage, big_endian: bool, source: str) -> np.ndarray:
@@ -235,7 +238,7 @@ def _storage_array(raw: bytes, storage: _Storage, big_endian: bool, source: str)
     expected = storage.numel * dtype.itemsize
     if len(raw) != expected:
         raise UserError(f"{source}: storage '{storage.key}' has {len(raw)} bytes, expected "
-                         f"{expected} ({storage.numel} × {dtype})")
+                        f"{expected} ({storage.numel} × {dtype})")
     return np.frombuffer(raw, dtype=dtype).astype(storage.dtype, copy=big_endian)
 
 
@@ -245,7 +248,7 @@ def _load_zip(path: str) -> Any:
         pickles = [n for n in names if n.endswith("data.pkl") and n.count("/") == 1]
         if len(pickles) != 1:
             raise UserError(f"{path}: zip archive without a single '<name>/data.pkl' record; "
-                             f"not a torch checkpoint (records: {names[:5]})")
+                            f"not a torch checkpoint (records: {names[:5]})")
         prefix = pickles[0][: -len("data.pkl")]
         big_endian = (prefix + "byteorder" in names
                       and zf.read(prefix + "byteorder").strip() == b"big")
@@ -270,11 +273,11 @@ def _load_legacy(path: str) -> Any:
         magic = RestrictedUnpickler(f, path).load()
         if magic != _LEGACY_MAGIC:
             raise UserError(f"{path}: not a torch checkpoint (neither a zip archive nor a legacy "
-                             f"torch.save stream; first pickled value is {magic!r:.60})")
+                            f"torch.save stream; first pickled value is {magic!r:.60})")
         protocol = RestrictedUnpickler(f, path).load()
         if protocol != _LEGACY_PROTOCOL:
             raise UserError(f"{path}: legacy torch protocol {protocol}, "
-                             f"expected {_LEGACY_PROTOCOL}")
+                            f"expected {_LEGACY_PROTOCOL}")
         sys_info = RestrictedUnpickler(f, path).load()
         big_endian = not sys_info.get("little_endian", True)
         unpickler = RestrictedUnpickler(f, path)
@@ -341,8 +344,8 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
                 break
     if not _is_state_dict(obj):
         raise UserError(f"{os.fspath(path)}: expected a state dict (name → tensor), got "
-                         f"{type(obj).__name__}" + (f" with keys {list(obj)[:5]}"
-                                                    if isinstance(obj, Mapping) else ""))
+                        f"{type(obj).__name__}" + (f" with keys {list(obj)[:5]}"
+                                                   if isinstance(obj, Mapping) else ""))
     if obj and all(k.startswith("module.") for k in obj):
         obj = {k[len("module."):]: v for k, v in obj.items()}
     return dict(obj)

@@ -423,6 +423,17 @@ def test_malformed_pickles_are_user_errors_naming_the_file(tmp_path, payload, me
         pretrained.load_torch_checkpoint(path)
 
 
+def test_shared_containers_are_converted_once(tmp_path):
+    # [x, x] nested 20 deep is 1 kB of pickle and 2^20 paths; 60 deep would never finish if
+    # every path were walked.
+    nested = []
+    for _ in range(20):
+        nested = [nested, nested]
+    got = pretrained.load_torch_checkpoint(_zip_with_pickle(tmp_path / "t.pth",
+                                                            pickle.dumps(nested, protocol=2)))
+    assert got[0] is got[1] and got[0][0][0] is got[1][1][1]
+
+
 def test_a_file_that_is_no_checkpoint_is_a_user_error(tmp_path):
     path = tmp_path / "notes.pth"
     path.write_bytes(b"these are not weights\n")

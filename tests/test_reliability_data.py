@@ -129,6 +129,10 @@ def test_decompression_bomb_is_a_bad_item(frames, tmp_path):
     assert summary["examples"] == {"frames": 2} and summary["num_skipped"] == 2
     assert sorted(s["item"] for s in build.builders.read_report(summary["path"])["skipped"]) == [
         f"{manifest}:3", f"{manifest}:5"]
+    # predict reads frames with the builder's reader: the same bad item, skippable
+    with pytest.raises(BadItem, match=r"manifest.csv:3: .*bomb.png cannot be decoded"):
+        predict.frames_from_manifest(manifest, 8, "none", False)
+    assert len(predict.frames_from_manifest(manifest, 8, "none", True).skipped) == 1
 
 
 def test_excel_utf8_bom_is_accepted_by_build_and_predict(frames, tmp_path):

@@ -76,7 +76,7 @@ Put manifest.csv in manual_dir (or pass --config manifest=PATH). Header and colu
   path,label[,video][,domain][,depth]
 path: image file relative to the manifest (RGB PNG/JPEG/...); label: live or spoof; video: groups
 frames of one video (default: the path); domain: e.g. the camera or site, used to choose source and
-target domains (default: default_domain); depth: optional depth map image (8-bit gray) for a live
+target domains (default: default_domain); depth: optional depth map (8- or 16-bit gray) for a live
 frame, relative to the manifest (default: the face-shaped prior).
 """
 

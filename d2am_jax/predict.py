@@ -143,7 +143,8 @@ def frames_from_manifest(manifest: str, size: int, face_crop: str, skip_bad: boo
     base = os.path.dirname(os.path.abspath(manifest))
     labels = {"live": 1, "spoof": 0}
     items = []
-    with open(manifest, newline="") as f:
+    # utf-8-sig: accept the byte-order mark of Excel's "CSV UTF-8" (else '\ufeffpath').
+    with open(manifest, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         header = [h.strip() for h in (reader.fieldnames or [])]
         if "path" not in header:

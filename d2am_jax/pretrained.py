@@ -10,12 +10,15 @@ import collections
 import dataclasses
 import importlib.util
 import io
+import math
+import numbers
 import os
 import pickle
 import re
 import struct
 import zipfile
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -24,6 +27,8 @@ import ml_dtypes
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
+
+from d2am_jax.errors import MissingFileError, UserError
 
 # ---------------------------------------------------------------- torch checkpoint reader
 
@@ -66,30 +71,65 @@ class _Storage:
 
 @dataclasses.dataclass(frozen=True)
 class _TensorRef:
-    """A tensor whose storage bytes may arrive after the pickle (legacy format)."""
+    """A tensor whose storage bytes may arrive after the pickle (legacy format). The fields are
+    as the file gave them; `to_numpy` checks them before reading any memory."""
 
-    storage: _Storage
-    offset: int
-    size: tuple[int, ...]
-    stride: tuple[int, ...]
+    storage: Any
+    offset: Any
+    size: Any
+    stride: Any
 
-    def to_numpy(self) -> np.ndarray:
+    def to_numpy(self, name: str, source: str) -> np.ndarray:
+        where = f"{source}: tensor '{name}'"
+        offset, size, stride = _check_layout(where, self.offset, self.size, self.stride)
+        if not isinstance(self.storage, (_Storage, _StorageView)):
+            raise UserError(f"{where}: its storage is a {type(self.storage).__name__}, not a "
+                            "torch storage")
         base = self.storage.data
-        if not self.size:
-            return np.array(base[self.offset])
-        needed = self.offset + sum((n - 1) * s for n, s in zip(self.size, self.stride)) + 1
-        if min(self.size) > 0 and needed > base.size:
-            raise ValueError(
-                f"tensor of size {self.size}, stride {self.stride}, offset {self.offset} reaches "
-                f"element {needed} of storage '{self.storage.key}' that holds {base.size}")
+        if base is None:
+            raise UserError(f"{where}: its storage '{self.storage.key}' has no data in the file")
+        count = math.prod(size)
+        if count == 0:
+            if offset > base.size:
+                raise UserError(f"{where}: offset {offset} is past the end of storage "
+                                f"'{self.storage.key}' that holds {base.size} elements")
+            return np.zeros(size, base.dtype)
+        # torch strides are never negative; with them and the offset ≥ 0, the last element
+        # reached bounds every element read, so checking it keeps as_strided inside the storage.
+        last = offset + sum((n - 1) * st for n, st in zip(size, stride))
+        if last >= base.size:
+            raise UserError(f"{where}: size {size}, stride {stride}, offset {offset} reach "
+                            f"element {last} of storage '{self.storage.key}' that holds "
+                            f"{base.size}")
+        # A weights file holds no broadcast views (stride 0 over a large size); copying one could
+        # take any amount of memory, so a tensor may not have more elements than its storage.
+        if count > base.size:
+            raise UserError(f"{where}: size {size} has {count} elements, more than the {base.size} "
+                            f"of its storage '{self.storage.key}'")
         return np.lib.stride_tricks.as_strided(
-            base[self.offset:], shape=self.size,
-            strides=[s * base.itemsize for s in self.stride]).copy()
+            base[offset:], shape=size, strides=[st * base.itemsize for st in stride]).copy()
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_layout(where: str, offset, size, stride) -> tuple[int, tuple, tuple]:
+    """The offset, size and stride a file gave, as ints, all ≥ 0 and of matching length."""
+    if not _is_int(offset) or offset < 0:
+        raise UserError(f"{where}: storage offset {offset!r}; expected an integer ≥ 0")
+    for field, value in (("size", size), ("stride", stride)):
+        if not isinstance(value, (tuple, list)) or not all(_is_int(v) and v >= 0 for v in value):
+            raise UserError(f"{where}: {field} {value!r}; expected a tuple of integers ≥ 0")
+    if len(size) != len(stride):
+        raise UserError(f"{where}: size {tuple(size)} and stride {tuple(stride)} differ in "
+                        "length")
+    return int(offset), tuple(int(v) for v in size), tuple(int(v) for v in stride)
 
 
 def _rebuild_tensor(storage, storage_offset, size, stride, *unused):
     # Covers torch._utils._rebuild_tensor and _rebuild_tensor_v2 (requires_grad, hooks, metadata).
-    return _TensorRef(storage, int(storage_offset), tuple(size), tuple(stride))
+    return _TensorRef(storage, storage_offset, size, stride)
 
 
 def _rebuild_parameter(data, *unused):
@@ -103,6 +143,11 @@ _ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
     **{("torch", name): _StorageType(name) for name in _STORAGE_DTYPES},
 }
+
+
+class RefusedPickleError(UserError, pickle.UnpicklingError):
+    """A weights file asked for something a weights file never needs (a foreign global, an odd
+    persistent id); an UnpicklingError too, for callers that catch those."""
 
 
 class RestrictedUnpickler(pickle.Unpickler):
@@ -121,7 +166,7 @@ class RestrictedUnpickler(pickle.Unpickler):
         try:
             return _ALLOWED_GLOBALS[(module, name)]
         except KeyError:
-            raise pickle.UnpicklingError(
+            raise RefusedPickleError(
                 f"{self.source}: refusing to load global '{module}.{name}'; a weights file may "
                 f"only reference torch tensor/storage rebuilders and collections.OrderedDict"
             ) from None
@@ -129,8 +174,10 @@ class RestrictedUnpickler(pickle.Unpickler):
     def persistent_load(self, pid):
         # legacy: ('storage', type, key, location, numel, view_metadata); zip: the first five.
         if not (isinstance(pid, tuple) and len(pid) in (5, 6) and pid[0] == "storage"
-                and isinstance(pid[1], _StorageType)):
-            raise pickle.UnpicklingError(f"{self.source}: unsupported persistent id {pid!r}")
+                and isinstance(pid[1], _StorageType) and _is_int(pid[4]) and pid[4] >= 0):
+            raise RefusedPickleError(f"{self.source}: refusing persistent id {pid!r:.200}; "
+                                     "expected ('storage', <torch storage type>, key, location, "
+                                     "element count ≥ 0[, view])")
         storage_type, key, numel = pid[1], str(pid[2]), int(pid[4])
         storage = self.storages.get(key)
         if storage is None:
@@ -139,6 +186,11 @@ class RestrictedUnpickler(pickle.Unpickler):
         if view is None:
             return storage
         # Pre-1.0 legacy views: (view_key, offset, size) into the root storage.
+        if not (isinstance(view, tuple) and len(view) == 3 and _is_int(view[1])
+                and _is_int(view[2]) and 0 <= view[1] and 0 <= view[2]
+                and view[1] + view[2] <= numel):
+            raise RefusedPickleError(f"{self.source}: storage view {view!r:.200} does not lie "
+                                     f"within storage '{key}' of {numel} elements")
         view_key, view_offset, view_size = view
         return _StorageView(storage, str(view_key), int(view_offset), int(view_size))
 
@@ -151,21 +203,33 @@ class _StorageView:
     numel: int
 
     @property
-    def data(self) -> np.ndarray:
+    def data(self) -> np.ndarray | None:
+        if self.root.data is None:
+            return None
         return self.root.data[self.offset:self.offset + self.numel]
 
 
-def _materialize(obj):
-    """Replace every _TensorRef in a nested container by its numpy array."""
+def _materialize(obj, source: str, name: str = "", memo: dict | None = None):
+    """Replace every _TensorRef in a nested container by its numpy array; `name` is the key path
+    ('layer1.0.conv1.weight'), for messages. A pickle can share one container many times (a list
+    holding the same list twice, 60 deep, is 2^60 visits): each object is converted once."""
+    memo = {} if memo is None else memo
+    if id(obj) in memo:
+        return memo[id(obj)][1]
+    inner = lambda key: f"{name}.{key}" if name else str(key)  # noqa: E731
     if isinstance(obj, _TensorRef):
-        return obj.to_numpy()
-    if isinstance(obj, collections.OrderedDict):
-        return collections.OrderedDict((k, _materialize(v)) for k, v in obj.items())
-    if isinstance(obj, Mapping):
-        return {k: _materialize(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_materialize(v) for v in obj)
-    return obj
+        out = obj.to_numpy(name or "<top level>", source)
+    elif isinstance(obj, collections.OrderedDict):
+        out = collections.OrderedDict((k, _materialize(v, source, inner(k), memo))
+                                      for k, v in obj.items())
+    elif isinstance(obj, Mapping):
+        out = {k: _materialize(v, source, inner(k), memo) for k, v in obj.items()}
+    elif isinstance(obj, (list, tuple)):
+        out = type(obj)(_materialize(v, source, inner(i), memo) for i, v in enumerate(obj))
+    else:
+        return obj
+    memo[id(obj)] = (obj, out)  # obj kept alive so its id is not reused while converting
+    return out
 
 
 def _storage_array(raw: bytes, storage: _Storage, big_endian: bool, source: str) -> np.ndarray:
@@ -173,8 +237,8 @@ def _storage_array(raw: bytes, storage: _Storage, big_endian: bool, source: str)
         else storage.dtype
     expected = storage.numel * dtype.itemsize
     if len(raw) != expected:
-        raise ValueError(f"{source}: storage '{storage.key}' has {len(raw)} bytes, expected "
-                         f"{expected} ({storage.numel} × {dtype})")
+        raise UserError(f"{source}: storage '{storage.key}' has {len(raw)} bytes, expected "
+                        f"{expected} ({storage.numel} × {dtype})")
     return np.frombuffer(raw, dtype=dtype).astype(storage.dtype, copy=big_endian)
 
 
@@ -183,8 +247,8 @@ def _load_zip(path: str) -> Any:
         names = zf.namelist()
         pickles = [n for n in names if n.endswith("data.pkl") and n.count("/") == 1]
         if len(pickles) != 1:
-            raise ValueError(f"{path}: zip archive without a single '<name>/data.pkl' record; "
-                             f"not a torch checkpoint (records: {names[:5]})")
+            raise UserError(f"{path}: zip archive without a single '<name>/data.pkl' record; "
+                            f"not a torch checkpoint (records: {names[:5]})")
         prefix = pickles[0][: -len("data.pkl")]
         big_endian = (prefix + "byteorder" in names
                       and zf.read(prefix + "byteorder").strip() == b"big")
@@ -193,21 +257,27 @@ def _load_zip(path: str) -> Any:
         for key, storage in unpickler.storages.items():
             record = f"{prefix}data/{key}"
             if record not in names:
-                raise ValueError(f"{path}: storage record '{record}' is missing")
+                raise UserError(f"{path}: storage record '{record}' is missing")
+            # Compare the declared size before reading: zf.read would inflate any amount.
+            size = zf.getinfo(record).file_size
+            if size != storage.numel * storage.dtype.itemsize:
+                raise UserError(f"{path}: storage '{key}' has {size} bytes, expected "
+                                f"{storage.numel * storage.dtype.itemsize} ({storage.numel} × "
+                                f"{storage.dtype})")
             storage.data = _storage_array(zf.read(record), storage, big_endian, path)
-    return _materialize(obj)
+    return _materialize(obj, path)
 
 
 def _load_legacy(path: str) -> Any:
     with open(path, "rb") as f:
         magic = RestrictedUnpickler(f, path).load()
         if magic != _LEGACY_MAGIC:
-            raise ValueError(f"{path}: not a torch checkpoint (neither a zip archive nor a legacy "
-                             f"torch.save stream; first pickled value is {magic!r:.60})")
+            raise UserError(f"{path}: not a torch checkpoint (neither a zip archive nor a legacy "
+                            f"torch.save stream; first pickled value is {magic!r:.60})")
         protocol = RestrictedUnpickler(f, path).load()
         if protocol != _LEGACY_PROTOCOL:
-            raise ValueError(f"{path}: legacy torch protocol {protocol}, "
-                             f"expected {_LEGACY_PROTOCOL}")
+            raise UserError(f"{path}: legacy torch protocol {protocol}, "
+                            f"expected {_LEGACY_PROTOCOL}")
         sys_info = RestrictedUnpickler(f, path).load()
         big_endian = not sys_info.get("little_endian", True)
         unpickler = RestrictedUnpickler(f, path)
@@ -216,27 +286,48 @@ def _load_legacy(path: str) -> Any:
         for key in keys:
             storage = unpickler.storages.get(str(key))
             if storage is None:
-                raise ValueError(f"{path}: storage '{key}' is listed but no tensor refers to it")
+                raise UserError(f"{path}: storage '{key}' is listed but no tensor refers to it")
             header = f.read(8)
             if len(header) != 8:
-                raise ValueError(f"{path}: file ends before storage '{key}'")
+                raise UserError(f"{path}: file ends before storage '{key}'")
             numel = struct.unpack(">q" if big_endian else "<q", header)[0]
             if numel != storage.numel:
-                raise ValueError(f"{path}: storage '{key}' holds {numel} elements, the pickle "
-                                 f"announced {storage.numel}")
+                raise UserError(f"{path}: storage '{key}' holds {numel} elements, the pickle "
+                                f"announced {storage.numel}")
+            # Compare with what the file holds before reading: f.read(n) allocates n bytes.
+            left = os.fstat(f.fileno()).st_size - f.tell()
+            if numel * storage.dtype.itemsize > left:
+                raise UserError(f"{path}: storage '{key}' claims {numel} × {storage.dtype}, "
+                                f"more than the {left} bytes left in the file")
             raw = f.read(numel * storage.dtype.itemsize)
             storage.data = _storage_array(raw, storage, big_endian, path)
-    return _materialize(obj)
+    return _materialize(obj, path)
 
 
 def load_torch_checkpoint(path: str | os.PathLike) -> Any:
-    """The object a torch.save file holds, tensors as numpy arrays (legacy and zip formats)."""
+    """The object a torch.save file holds, tensors as numpy arrays (legacy and zip formats).
+
+    A file that is not one, or one crafted to run code or to read outside its storages, raises
+    UserError naming the file (and the tensor or storage, where there is one)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"pretrained weights file not found: {path}")
-    if zipfile.is_zipfile(path):
-        return _load_zip(path)
-    return _load_legacy(path)
+        raise MissingFileError(f"pretrained weights file not found: {path}")
+    try:
+        if zipfile.is_zipfile(path):
+            return _load_zip(path)
+        return _load_legacy(path)
+    except UserError:
+        raise
+    except _UNREADABLE as e:
+        # Whatever else a malformed pickle makes the reader trip on is the file's fault.
+        raise UserError(f"{path}: not a readable torch checkpoint "
+                        f"({type(e).__name__}: {e})") from e
+
+
+# What a truncated, garbled or crafted file raises from the pickle machinery and the readers.
+_UNREADABLE = (pickle.UnpicklingError, EOFError, TypeError, ValueError, AttributeError,
+               IndexError, KeyError, struct.error, zipfile.BadZipFile, OverflowError,
+               RecursionError, UnicodeDecodeError)
 
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -252,9 +343,9 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
                 obj = obj[wrapper]
                 break
     if not _is_state_dict(obj):
-        raise ValueError(f"{os.fspath(path)}: expected a state dict (name → tensor), got "
-                         f"{type(obj).__name__}" + (f" with keys {list(obj)[:5]}"
-                                                    if isinstance(obj, Mapping) else ""))
+        raise UserError(f"{os.fspath(path)}: expected a state dict (name → tensor), got "
+                        f"{type(obj).__name__}" + (f" with keys {list(obj)[:5]}"
+                                                   if isinstance(obj, Mapping) else ""))
     if obj and all(k.startswith("module.") for k in obj):
         obj = {k[len("module."):]: v for k, v in obj.items()}
     return dict(obj)

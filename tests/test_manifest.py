@@ -148,7 +148,8 @@ def test_a_different_manifest_never_reuses_a_build(frames, tmp_path):
     other = tmp_path / "other"
     os.makedirs(other / "img")
     save(str(other / "img" / "0.png"), solid((1, 2, 3)))
-    write_manifest(str(other), ["img/0.png,live,,,", "img/0.png,spoof,,,"])
+    save(str(other / "img" / "1.png"), solid((3, 2, 1)))
+    write_manifest(str(other), ["img/0.png,live,,,", "img/1.png,spoof,,,"])
     with pytest.raises(ValueError, match="was built from .*frames/manifest.csv"):
         build.build("fas_manifest", str(tmp_path / "out"), str(other), PNG)
     # its own config (by path) gets its own build

@@ -8,6 +8,10 @@ import collections
 import io
 import os
 import pickle
+import re
+import struct
+import subprocess
+import sys
 import zipfile
 
 import jax
@@ -17,6 +21,7 @@ from PIL import Image
 from skimage import data
 
 from d2am_jax import pretrained
+from d2am_jax.errors import UserError
 
 CAT_CLASSES = set(range(281, 286))  # tabby, tiger cat, Persian, Siamese, Egyptian cat
 
@@ -35,8 +40,9 @@ _STORAGE_NAMES = {np.dtype(np.float32): "FloatStorage", np.dtype(np.int64): "Lon
 
 
 class _Storage:
-    def __init__(self, key, array):
+    def __init__(self, key, array, numel=None):
         self.key, self.array = key, np.ascontiguousarray(array).ravel()
+        self.numel = self.array.size if numel is None else numel  # what the file will claim
 
 
 class _Tensor:
@@ -59,8 +65,29 @@ class _TorchPickler(pickle._Pickler):
     def persistent_id(self, obj):
         if isinstance(obj, _Storage):
             kind = _torch_name("torch", _STORAGE_NAMES[obj.array.dtype])
-            return ("storage", kind, obj.key, "cpu", obj.array.size)
+            return ("storage", kind, obj.key, "cpu", obj.numel)
         return None
+
+
+class _LegacyPickler(_TorchPickler):
+    def persistent_id(self, obj):
+        pid = super().persistent_id(obj)
+        return None if pid is None else pid + (None,)  # no view
+
+
+def write_torch_legacy(path, tensors, storages):
+    """torch's pre-1.6 torch.save stream: magic, protocol, sys_info, the pickle, its storage
+    keys, then per storage an int64 element count and the raw little-endian bytes."""
+    buf = io.BytesIO()
+    for header in (pretrained._LEGACY_MAGIC, 1001,
+                   {"protocol_version": 1001, "little_endian": True, "type_sizes": {}}):
+        pickle.dump(header, buf, protocol=2)
+    _LegacyPickler(buf, protocol=2).dump(collections.OrderedDict(tensors))
+    pickle.dump([s.key for s in storages], buf, protocol=2)
+    for s in storages:
+        little = s.array.astype(s.array.dtype.newbyteorder("<"))
+        buf.write(struct.pack("<q", s.numel) + little.tobytes())
+    path.write_bytes(buf.getvalue())
 
 
 def write_torch_zip(path, tensors, storages):
@@ -299,10 +326,137 @@ def test_unpickler_refuses_foreign_globals(tmp_path):
     with zipfile.ZipFile(zipped, "w") as zf:
         zf.writestr("archive/data.pkl", payload)
     for path in (legacy, zipped):
-        with pytest.raises(pickle.UnpicklingError,
-                           match=r"refusing to load global '(os|posix)\.system'"):
+        where = re.escape(str(path))
+        with pytest.raises(UserError,
+                           match=rf"{where}: refusing to load global '(os|posix)\.system'") as e:
             pretrained.load_torch_checkpoint(path)
+        assert isinstance(e.value, pickle.UnpicklingError)  # for callers that catch those
     assert not marker.exists()
+
+
+WRITERS = {"zip": write_torch_zip, "legacy": write_torch_legacy}
+
+# A crafted tensor 'w' on a storage of 4 floats: (offset, size, stride, what the refusal says).
+CRAFTED = {
+    "negative_stride": (0, (4,), (-1,), r"stride \(-1,\); expected a tuple of integers ≥ 0"),
+    "negative_offset": (-2, (4,), (1,), r"storage offset -2; expected an integer ≥ 0"),
+    "far_negative_stride": (0, (2,), (-2**40,), r"expected a tuple of integers ≥ 0"),
+    "far_stride": (0, (2,), (2**40,), r"reach element 1099511627776 of storage '0' that holds 4"),
+    "broadcast_2_40": (0, (2**20, 2**20), (0, 0), r"1099511627776 elements, more than the 4"),
+    "scalar_past_the_end": (7, (), (), r"reach element 7 of storage '0'"),
+    "lengths_differ": (0, (2, 2), (1,), r"size \(2, 2\) and stride \(1,\) differ in length"),
+    "offset_not_an_int": ("0", (4,), (1,), r"storage offset '0'"),
+}
+
+
+@pytest.mark.parametrize("fmt", sorted(WRITERS))
+@pytest.mark.parametrize("case", sorted(CRAFTED))
+def test_crafted_layouts_are_refused_naming_the_tensor(tmp_path, fmt, case):
+    offset, size, stride, message = CRAFTED[case]
+    base = _Storage("0", np.arange(4, dtype=np.float32))
+    path = tmp_path / "t.pth"
+    WRITERS[fmt](path, {"ok": _Tensor(base, 0, (4,), (1,)),
+                        "w": _Tensor(base, offset, size, stride)}, [base])
+    with pytest.raises(UserError, match=rf"{re.escape(str(path))}: tensor 'w': .*{message}"):
+        pretrained.load_torch_checkpoint(path)
+
+
+def test_far_negative_stride_does_not_crash_the_process(tmp_path):
+    # Before the bounds checks this read 2^42 bytes before the storage: a segfault, which only
+    # a separate process can observe.
+    base = _Storage("0", np.arange(4, dtype=np.float32))
+    path = tmp_path / "t.pth"
+    write_torch_legacy(path, {"w": _Tensor(base, 3, (2,), (-2**40,))}, [base])
+    code = ("import sys\nfrom d2am_jax import pretrained\ntry:\n"
+            f"    pretrained.load_torch_checkpoint({str(path)!r})\n"
+            "except pretrained.UserError as e:\n    print('refused:', e)\n    sys.exit(3)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.dirname(pretrained.__file__)))
+    assert done.returncode == 3, done.stderr[-2000:]
+    assert "tensor 'w'" in done.stdout
+
+
+@pytest.mark.parametrize("fmt", sorted(WRITERS))
+def test_storage_claiming_2_40_elements_is_refused_before_reading(tmp_path, fmt):
+    huge = _Storage("0", np.arange(4, dtype=np.float32), numel=2**40)
+    path = tmp_path / "t.pth"
+    WRITERS[fmt](path, {"w": _Tensor(huge, 0, (4,), (1,))}, [huge])
+    with pytest.raises(UserError, match=rf"{re.escape(str(path))}: storage '0' (has 16 bytes, "
+                                        rf"expected 4398046511104|claims 1099511627776 × float32)"):
+        pretrained.load_torch_checkpoint(path)
+
+
+class _Odd:
+    """Pickled as a persistent id a torch file never has."""
+
+
+class _OddPickler(_TorchPickler):
+    def persistent_id(self, obj):
+        return ("module", "os") if isinstance(obj, _Odd) else super().persistent_id(obj)
+
+
+class _BadRebuild:
+    def __reduce__(self):  # _rebuild_tensor_v2 with too few arguments
+        return _REBUILD_V2, ("x",)
+
+
+def _zip_with_pickle(path, data):
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("archive/data.pkl", data)
+    return path
+
+
+@pytest.mark.parametrize("payload, message", [
+    (lambda: _pickled(_OddPickler, {"w": _Odd()}),
+     r"refusing persistent id \('module', 'os'\)"),
+    (lambda: _pickled(_TorchPickler, {"w": _Tensor("abc", 0, (1,), (1,))}),
+     r"tensor 'w': its storage is a str, not a torch storage"),
+    (lambda: _pickled(_TorchPickler, {"w": _BadRebuild()}),
+     r"not a readable torch checkpoint \(TypeError: "),
+    (lambda: b"\x80\x02\xff garbage", r"not a readable torch checkpoint"),
+    (lambda: _pickled(_TorchPickler, {"w": list(range(100))})[:40],
+     r"not a readable torch checkpoint \((EOFError|UnpicklingError)"),
+], ids=["persistent_id", "not_a_storage", "wrong_arguments", "garbage", "truncated"])
+def test_malformed_pickles_are_user_errors_naming_the_file(tmp_path, payload, message):
+    path = _zip_with_pickle(tmp_path / "t.pth", payload())
+    with pytest.raises(UserError, match=rf"{re.escape(str(path))}: .*{message}"):
+        pretrained.load_torch_checkpoint(path)
+
+
+def test_shared_containers_are_converted_once(tmp_path):
+    # [x, x] nested 20 deep is 1 kB of pickle and 2^20 paths; 60 deep would never finish if
+    # every path were walked.
+    nested = []
+    for _ in range(20):
+        nested = [nested, nested]
+    got = pretrained.load_torch_checkpoint(_zip_with_pickle(tmp_path / "t.pth",
+                                                            pickle.dumps(nested, protocol=2)))
+    assert got[0] is got[1] and got[0][0][0] is got[1][1][1]
+
+
+def test_a_file_that_is_no_checkpoint_is_a_user_error(tmp_path):
+    path = tmp_path / "notes.pth"
+    path.write_bytes(b"these are not weights\n")
+    with pytest.raises(UserError, match=rf"{re.escape(str(path))}: not a readable torch"):
+        pretrained.load_torch_checkpoint(path)
+
+
+def _pickled(pickler, obj):
+    buf = io.BytesIO()
+    pickler(buf, protocol=2).dump(obj)
+    return buf.getvalue()
+
+
+def test_shipped_efficientnet_weights_still_load():
+    path = pretrained.default_checkpoint_path("efficientnet_lite0")
+    sd = pretrained.load_state_dict(path)
+    assert sd["_conv_stem.weight"].shape == (32, 3, 3, 3)
+    assert sd["_fc.weight"].shape == (1000, 1280)
+    assert all(np.isfinite(v).all() for v in sd.values() if v.dtype.kind == "f")
+    # every key is an EfficientNet-Lite0 weight of the right shape, and none is missing
+    variables = pretrained.convert_state_dict(sd, "efficientnet_lite0", source=path)
+    kept = {k: v for k, v in sd.items() if "num_batches" not in k}
+    assert len(jax.tree_util.tree_leaves(variables)) == len(kept)
 
 
 def test_missing_file_unknown_arch_and_layer(tmp_path):

@@ -124,11 +124,22 @@ class DepthStore:
         return out
 
     def _map(self, i: int) -> np.ndarray:
-        gray = decode_png_or_jpeg(self.records.bytes_of(int(i), "depth"), f"depth of example {i}")
-        img = Image.fromarray(gray if gray.ndim == 2 else gray[..., 0])
+        what = f"depth of example {i}"
+        gray = decode_png_or_jpeg(self.records.bytes_of(int(i), "depth"), what)
+        gray = gray if gray.ndim == 2 else gray[..., 0]
+        if gray.dtype == np.uint8:
+            img = Image.fromarray(gray)
+            if img.size != (self.size, self.size):
+                img = img.resize((self.size, self.size), Image.BILINEAR)
+            return np.asarray(img, np.float32) / 255.0
+        if gray.dtype != np.uint16:
+            raise ValueError(f"{what}: stored depth map has dtype {gray.dtype}; expected 8-bit or "
+                             "16-bit gray")
+        # 16-bit maps span [0, 65535]; resized as floats (PIL resizes mode F, not I;16, exactly).
+        img = Image.fromarray(gray.astype(np.float32) / 65535.0)
         if img.size != (self.size, self.size):
             img = img.resize((self.size, self.size), Image.BILINEAR)
-        return np.asarray(img, np.float32) / 255.0
+        return np.clip(np.asarray(img, np.float32), 0.0, 1.0)
 
     def take(self, idx: np.ndarray) -> "DepthStore":
         return DepthStore(self.records.take(idx), self.labels[idx], self.has_map[idx], self.size)

@@ -9,15 +9,22 @@ from __future__ import annotations
 import csv
 import dataclasses
 import hashlib
+import io
 import json
+import logging
 import os
 
+import cv2
 import numpy as np
+import tensorflow_datasets as tfds
 from PIL import Image
 
 from d2am_jax.data import faces
 from d2am_jax.data.builders.common import LIVE, REPORT_FILE, SPOOF, FasBuilder, FasConfig
 from d2am_jax.data.faces import BadItem
+from d2am_jax.errors import UserError
+
+log = logging.getLogger(__name__)
 
 REQUIRED = ("path", "label")
 OPTIONAL = ("video", "domain", "depth")
@@ -69,7 +76,7 @@ Put manifest.csv in manual_dir (or pass --config manifest=PATH). Header and colu
   path,label[,video][,domain][,depth]
 path: image file relative to the manifest (RGB PNG/JPEG/...); label: live or spoof; video: groups
 frames of one video (default: the path); domain: e.g. the camera or site, used to choose source and
-target domains (default: default_domain); depth: optional depth map image (8-bit gray) for a live
+target domains (default: default_domain); depth: optional depth map (8- or 16-bit gray) for a live
 frame, relative to the manifest (default: the face-shaped prior).
 """
 
@@ -95,24 +102,68 @@ frame, relative to the manifest (default: the face-shaped prior).
         return {"manifest": self._manifest, "manifest_sha256": file_sha256(self._manifest)}
 
     def download_and_prepare(self, **kwargs):
-        """Refuse to reuse a build made from a different manifest under the same config."""
+        """Refuse to reuse a build made from a different manifest under the same config; rebuild
+        one whose manifest was edited since (its recorded sha256 differs)."""
         config = kwargs.get("download_config")
-        if self.is_prepared() and config is not None and not config.download_mode.overwrite_dataset:
-            built = json.load(open(os.path.join(self.data_dir, REPORT_FILE))).get("manifest")
+        if (super().is_prepared() and config is not None
+                and not config.download_mode.overwrite_dataset):
+            built = self.built_manifest()
             now = self.manifest_path(config.manual_dir or "")
-            if built and built != now:
-                raise ValueError(
+            if built["path"] and built["path"] != now:
+                raise UserError(
                     f"fas_manifest/{self.builder_config.name} in {self.data_dir} was built from "
-                    f"{built}, not {now}: pass --config manifest={now} (its own build) or "
+                    f"{built['path']}, not {now}: pass --config manifest={now} (its own build) or "
                     "--overwrite")
+            stale = self.edited_since_build()
+            if stale:
+                log.warning("%s; rebuilding", stale)
+                kwargs["download_config"] = dataclasses.replace(
+                    config, download_mode=tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS)
         return super().download_and_prepare(**kwargs)
+
+    def is_prepared(self) -> bool:
+        """Built, and from the manifest as it is now: a build whose manifest was edited since is
+        refused (naming the file) rather than read, so training never uses the old rows."""
+        if not super().is_prepared():
+            return False
+        stale = self.edited_since_build()
+        if stale:
+            raise UserError(f"{stale}: rebuild it with python -m d2am_jax.data.build "
+                            f"fas_manifest --data_dir {self.data_dir_root} --overwrite and the "
+                            "same --manual_dir and --config as its build")
+        return True
+
+    def built_manifest(self) -> dict:
+        """The manifest path and sha256 the build in data_dir recorded ('' for either if none)."""
+        report = os.path.join(self.data_dir, REPORT_FILE)
+        with open(report) as f:
+            recorded = json.load(f)
+        return {"path": recorded.get("manifest") or "",
+                "sha256": recorded.get("manifest_sha256") or ""}
+
+    def edited_since_build(self) -> str:
+        """Why the build is stale ('' if it is not): its manifest no longer has the recorded
+        sha256. A manifest that is gone cannot be checked; the build is used, with a warning."""
+        built = self.built_manifest()
+        if not (built["path"] and built["sha256"]):
+            return ""
+        if not os.path.isfile(built["path"]):
+            log.warning("fas_manifest/%s in %s: its manifest %s is gone; using the build as it "
+                        "is", self.builder_config.name, self.data_dir, built["path"])
+            return ""
+        now = file_sha256(built["path"])
+        if now == built["sha256"]:
+            return ""
+        return (f"{built['path']} has changed since fas_manifest/{self.builder_config.name} was "
+                f"built from it in {self.data_dir} (sha256 {built['sha256'][:12]}… then, "
+                f"{now[:12]}… now)")
 
     # -- rows -----------------------------------------------------------------------------------
 
     def read_rows(self, manifest: str) -> list[Row]:
         """Parse and check every row; a bad row fails (or is skipped) naming file:line."""
         base = os.path.dirname(manifest)
-        with open(manifest, newline="") as f:
+        with io.StringIO(read_text(manifest), newline="") as f:
             reader = csv.DictReader(f)
             header = [h.strip() for h in (reader.fieldnames or [])]
             missing = [c for c in REQUIRED if c not in header]
@@ -121,17 +172,35 @@ frame, relative to the manifest (default: the face-shaped prior).
                 raise BadItem(f"{manifest}:1: header {header}: "
                               + (f"missing column(s) {missing}; " if missing else "")
                               + (f"unknown column(s) {unknown}; " if unknown else "")
-                              + f"expected path,label[,video][,domain][,depth]")
+                              + "expected path,label[,video][,domain][,depth]")
             reader.fieldnames = header
-            rows = []
+            rows, first_line = [], {}
             for record in reader:
                 line = reader.line_num
                 try:
-                    rows.append(self.parse_row(manifest, base, line, record))
+                    row = self.parse_row(manifest, base, line, record)
+                    check_unique(manifest, line, row.path, first_line)
+                    rows.append(row)
                 except BadItem as e:
                     self._guard(f"{manifest}:{line}", e)
+        return self._check_rows(manifest, rows)
+
+    def _check_rows(self, manifest: str, rows: list[Row]) -> list[Row]:
+        """Whole-manifest checks: some rows, and no video with both live and spoof frames (its
+        video score would mix the classes; which rows are wrong is the user's call, so this is
+        an error even under skip_bad)."""
         if not rows:
             raise BadItem(f"{manifest}: no usable rows")
+        first = {}  # (video, label) → first line
+        for row in rows:
+            first.setdefault((row.video, row.label), row.line)
+            other = (row.video, LIVE + SPOOF - row.label)
+            if other in first:
+                names = {LIVE: "live", SPOOF: "spoof"}
+                raise BadItem(f"{manifest}:{row.line}: video {row.video!r} has "
+                              f"{names[row.label]} rows (line {row.line}) and "
+                              f"{names[other[1]]} rows (line {first[other]}); a video is one "
+                              "class: give its live and spoof frames different video ids")
         return rows
 
     def parse_row(self, manifest: str, base: str, line: int, record: dict) -> Row:
@@ -141,7 +210,7 @@ frame, relative to the manifest (default: the face-shaped prior).
         rel = (record.get("path") or "").strip()
         if not rel:
             raise BadItem(f"{where}: empty path")
-        path = os.path.join(base, rel)
+        path = os.path.normpath(os.path.join(base, rel))
         if not os.path.isfile(path):
             raise BadItem(f"{where}: image file {path} does not exist")
         label = (record.get("label") or "").strip().lower()
@@ -150,7 +219,7 @@ frame, relative to the manifest (default: the face-shaped prior).
                           f"expected 'live' or 'spoof'")
         depth = (record.get("depth") or "").strip()
         if depth:
-            depth = os.path.join(base, depth)
+            depth = os.path.normpath(os.path.join(base, depth))
             if not os.path.isfile(depth):
                 raise BadItem(f"{where}: depth file {depth} does not exist")
         return Row(line, path, LABELS[label], (record.get("video") or "").strip() or rel,
@@ -171,7 +240,7 @@ frame, relative to the manifest (default: the face-shaped prior).
             rgb = faces.resize_square(rgb, cfg.resolution)
         depth = b""
         if row.depth and row.label == LIVE:
-            depth = faces.encode_image(faces.read_depth_image(row.depth, cfg.resolution), "png")
+            depth = faces.encode_image(read_depth(row.depth, where, cfg.resolution), "png")
         elif row.depth:
             notes.append("spoof_rows_depth_ignored_target_is_zero")
         example = {"image": faces.encode_image(rgb, cfg.image_format, cfg.jpeg_quality),
@@ -188,6 +257,25 @@ frame, relative to the manifest (default: the face-shaped prior).
             yield key, example
 
 
+def read_text(manifest: str) -> str:
+    """The manifest's text. utf-8-sig: Excel's "CSV UTF-8" starts with a byte-order mark, which
+    would otherwise become part of the first column's name."""
+    with open(manifest, "rb") as f:
+        raw = f.read()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise BadItem(f"{manifest}: not UTF-8 text ({e}); save it as CSV UTF-8") from e
+
+
+def check_unique(manifest: str, line: int, path: str, first_line: dict[str, int]) -> None:
+    """A frame listed twice would count twice in training and in its video's score."""
+    if path in first_line:
+        raise BadItem(f"{manifest}:{line}: {path} is listed again (first at line "
+                      f"{first_line[path]})")
+    first_line[path] = line
+
+
 def read_rgb(path: str, where: str) -> np.ndarray:
     """An RGB image file as uint8 [H, W, 3]; other channel counts and corrupt files fail."""
     try:
@@ -201,8 +289,43 @@ def read_rgb(path: str, where: str) -> np.ndarray:
             return np.asarray(img, dtype=np.uint8).copy()
     except BadItem:
         raise
-    except (OSError, ValueError, SyntaxError) as e:
+    except _UNREADABLE as e:
         raise BadItem(f"{where}: {path} cannot be decoded as an image ({e})") from e
+
+
+# What PIL raises for a corrupt file, or for one whose header declares more than twice
+# Image.MAX_IMAGE_PIXELS (a decompression bomb: a few bytes that would decode to gigabytes).
+_UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+def read_depth(path: str, where: str, size: int) -> np.ndarray:
+    """A depth-map file as uint8 [size, size] in [0, 255] ↔ depth [0, 1]: 8-bit images as they
+    are (colour converted to gray), 16-bit gray scaled by 255/65535 (convert("L") would clip
+    every value above 255 to white, a constant target); other modes fail naming the file."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode.startswith("I;16") or img.mode == "I":
+                gray = _scale_16_bit(np.asarray(img), path, where, img.mode)
+            elif img.mode == "F":  # floats have no agreed scale
+                raise BadItem(f"{where}: depth map {path} has mode F (32-bit float); expected an "
+                              "8-bit or 16-bit gray (or 8-bit colour) image")
+            else:
+                gray = np.asarray(img.convert("L"))
+    except BadItem:
+        raise
+    except _UNREADABLE as e:
+        raise BadItem(f"{where}: depth map {path} cannot be decoded as an image ({e})") from e
+    return cv2.resize(gray, (size, size), interpolation=cv2.INTER_AREA
+                      if size < min(gray.shape) else cv2.INTER_LINEAR)
+
+
+def _scale_16_bit(values: np.ndarray, path: str, where: str, mode: str) -> np.ndarray:
+    # PIL reads some 16-bit files as mode I (int32): values beyond 16 bits are not a 16-bit map.
+    if values.size and (values.min() < 0 or values.max() > 65535):
+        raise BadItem(f"{where}: depth map {path} (mode {mode}) has values in "
+                      f"[{values.min()}, {values.max()}]; expected 16-bit values in [0, 65535]")
+    return np.round(values.astype(np.float64) * (255.0 / 65535.0)).astype(np.uint8)
 
 
 def file_sha256(path: str) -> str:

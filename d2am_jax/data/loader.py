@@ -12,8 +12,8 @@ import logging
 import os
 
 import numpy as np
-from PIL import Image
 import tensorflow_datasets as tfds
+from PIL import Image
 
 from d2am_jax.data import builders
 from d2am_jax.data.dataset import FasData
@@ -48,12 +48,12 @@ class Records:
             return self.blobs[field][i]
         return self.sources[self.source_id[i]][int(self.local[i])][field]
 
-    def take(self, idx: np.ndarray) -> "Records":
+    def take(self, idx: np.ndarray) -> Records:
         blobs = None if self.blobs is None else {k: v[idx] for k, v in self.blobs.items()}
         return Records(self.sources, self.source_id[idx], self.local[idx], blobs)
 
     @staticmethod
-    def concat(parts: list["Records"]) -> "Records":
+    def concat(parts: list[Records]) -> Records:
         sources, ids, local = [], [], []
         for p in parts:
             ids.append(p.source_id + len(sources))
@@ -100,7 +100,7 @@ class EncodedFrames:
             out[k] = self.decode_one(i)
         return out
 
-    def take(self, idx: np.ndarray) -> "EncodedFrames":
+    def take(self, idx: np.ndarray) -> EncodedFrames:
         return EncodedFrames(self.records.take(idx), self.shape, self._names[idx])
 
 
@@ -141,7 +141,7 @@ class DepthStore:
             img = img.resize((self.size, self.size), Image.BILINEAR)
         return np.clip(np.asarray(img, np.float32), 0.0, 1.0)
 
-    def take(self, idx: np.ndarray) -> "DepthStore":
+    def take(self, idx: np.ndarray) -> DepthStore:
         return DepthStore(self.records.take(idx), self.labels[idx], self.has_map[idx], self.size)
 
 

@@ -15,9 +15,11 @@ from d2am_jax.errors import UserError
 
 METHODS = ("d2am", "erm")
 BEST_METRICS = {"val_eer": "min", "val_auc": "max"}
-# Config fields a resumed run may change: how long it runs and how it logs, and the learning
-# rates (the way out after a non-finite loss: resume the last good checkpoint with smaller ones).
+# Config fields a resumed run may change: how long it runs and how it logs, how its input is
+# read (speed and memory only, never a number), and the learning rates (the way out after a
+# non-finite loss: resume the last good checkpoint with smaller ones).
 RESUMABLE_CHANGES = ("num_epochs", "log_every", "progress", "jax_cache_dir", "checkpoint.",
+                     "data.workers", "data.prefetch", "data.cache_bytes", "data.encoded_in_memory",
                      "meta.outer_lr", "meta.inner_lr")
 
 
@@ -51,6 +53,8 @@ def check(config) -> None:
          "a fraction in (0, 1): source validation sets the threshold and picks the best checkpoint")
     need(d.resolution >= 8, "data.resolution", "≥ 8 pixels")
     need(d.cache_bytes >= 0, "data.cache_bytes", "≥ 0 bytes")
+    need(d.workers >= 0, "data.workers", "≥ 0 decoding threads (0 = one per core)")
+    need(d.prefetch >= 1, "data.prefetch", "≥ 1 batch prepared ahead")
     need(str(c.model.fast_conv_grad).lower() in ("auto", "true", "false"),
          "model.fast_conv_grad", "'auto', True or False")
     need(round(64 * c.model.width) >= 1 if _finite(c.model.width) else False, "model.width",

@@ -11,14 +11,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from d2am_jax import losses, models
+from d2am_jax import losses, models, runtime
 from d2am_jax import state as state_lib
 from d2am_jax.data.dataset import depth_size
 from d2am_jax.errors import UserError
 
 
 def validate_batch(batch: Mapping, config) -> None:
-    """Shape checks before tracing: 'x' [N, r, r, 6], 'y' [N], 'depth' [N, g, g] (or with a
+    """Shape checks before tracing: 'x' [N, r, r, 3 | 6], 'y' [N], 'depth' [N, g, g] (or with a
     leading axis of 1, as `MetaBatchSampler.pooled_batch` returns)."""
     r = config.data.resolution
     g = depth_size(r)
@@ -26,9 +26,10 @@ def validate_batch(batch: Mapping, config) -> None:
         if key not in batch:
             raise UserError(f"ERM batch: missing field '{key}' (expected x, y, depth)")
     x, y, d = (np.shape(batch[key]) for key in ("x", "y", "depth"))
-    if len(x) != 4 or x[1:] != (r, r, models.INPUT_CHANNELS) or x[0] < 2:
-        raise UserError(f"ERM batch field 'x' has shape {tuple(x)}; expected [N ≥ 2, {r}, {r}, "
-                         f"{models.INPUT_CHANNELS}] (data.resolution={r}, RGB+HSV)")
+    if len(x) != 4 or x[0] < 2 or not models.input_ok(x, batch["x"].dtype, r):
+        raise UserError(f"ERM batch field 'x' has shape {tuple(x)} and dtype {batch['x'].dtype};"
+                        f" expected [N ≥ 2, r, r, C] with {models.INPUT_FORMS} "
+                        f"(data.resolution={r})")
     n = x[0]
     if tuple(y) != (n,):
         raise UserError(f"ERM batch field 'y' has shape {tuple(y)}; expected [{n}]")
@@ -52,7 +53,8 @@ def make_loss(config) -> Callable:
 
     def loss(params, batch_stats, batch, key):
         dtype = jax.tree.leaves(params["E"])[0].dtype
-        x, y, depth = (batch[k].astype(dtype) for k in ("x", "y", "depth"))
+        x = models.model_input(batch["x"], dtype)
+        y, depth = batch["y"].astype(dtype), models.depth_input(batch["depth"], dtype)
         (feat, blocks, drlm), new_e = E.apply(
             {"params": params["E"], "batch_stats": batch_stats["E"]}, x, True,
             mutable=["batch_stats"])
@@ -75,7 +77,7 @@ def make_loss(config) -> Callable:
                    "acc/train": jnp.mean((logit > 0) == (y > 0.5))}
         return total, (new_stats, metrics)
 
-    return loss
+    return runtime.with_project_random(loss)
 
 
 def make_erm_step(config) -> Callable:

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from d2am_jax import losses, models
+from d2am_jax import losses, models, runtime
 from d2am_jax import state as state_lib
 from d2am_jax.data.dataset import depth_size
 from d2am_jax.errors import UserError
@@ -22,17 +22,18 @@ Batch = Mapping[str, jax.Array]
 
 def validate_batch(batch: Batch, config) -> None:
     """Shape checks before tracing, so that bad input fails with the field's name, not in XLA:
-    x [K ≥ 2, B ≥ 2, r, r, 6], y [K, B], depth [K, B, g, g] (r = data.resolution, g its depth grid).
+    x [K ≥ 2, B ≥ 2, r, r, 3] uint8 RGB (or [..., 6] float RGB+HSV), y [K, B], depth [K, B, g, g]
+    (uint8 k/255 or float in [0, 1]); r = data.resolution, g its depth grid.
     """
     r = config.data.resolution
     for key in ("x", "y", "depth"):
         if key not in batch:
             raise UserError(f"meta batch: missing field '{key}' (expected x, y, depth)")
     x, y, d = (np.shape(batch[key]) for key in ("x", "y", "depth"))
-    expect_x = f"[K ≥ 2, B ≥ 2, {r}, {r}, {models.INPUT_CHANNELS}] (data.resolution={r}, RGB+HSV)"
-    if len(x) != 5 or x[0] < 2 or x[1] < 2 or x[2:4] != (r, r) or x[4] != models.INPUT_CHANNELS:
+    if len(x) != 5 or x[0] < 2 or x[1] < 2 or not models.input_ok(x, batch["x"].dtype, r):
         raise UserError(
-            f"meta batch field 'x' has shape {tuple(x)}; expected {expect_x}: K-1 "
+            f"meta batch field 'x' has shape {tuple(x)} and dtype {batch['x'].dtype}; expected "
+            f"[K ≥ 2, B ≥ 2, r, r, C] with {models.INPUT_FORMS} (data.resolution={r}): K-1 "
             f"meta-train domains and one meta-test domain, live and spoof in each"
         )
     k, b = x[:2]
@@ -71,7 +72,8 @@ def make_objective(config) -> Callable:
         x, y, depth = batch["x"], batch["y"], batch["depth"]
         k = x.shape[0]
         dtype = jax.tree.leaves(params["E"])[0].dtype
-        x, y, depth = x.astype(dtype), y.astype(dtype), depth.astype(dtype)
+        x, y = models.model_input(x, dtype), y.astype(dtype)
+        depth = models.depth_input(depth, dtype)
 
         # E and D on all K domain batches as one flat batch of K·B images; BatchNorm keeps batch
         # statistics per domain batch (groups=K). One flat batch gives XLA's GEMMs K× larger
@@ -134,7 +136,7 @@ def make_objective(config) -> Callable:
         }
         return total, (new_stats, metrics)
 
-    return objective
+    return runtime.with_project_random(objective)
 
 
 def _cosine(a, b) -> jax.Array:

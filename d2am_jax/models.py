@@ -17,6 +17,54 @@ from d2am_jax import ops, runtime
 INPUT_CHANNELS = 6  # RGB + HSV
 
 
+def rgb_to_hsv(rgb: jax.Array) -> jax.Array:
+    """HSV of float RGB in [0, 1] (last axis 3), hue in [0, 1): `data.color.rgb_to_hsv` in jnp,
+    the same operations in the same order, so both agree to float rounding."""
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    maxc = jnp.max(rgb, axis=-1)
+    minc = jnp.min(rgb, axis=-1)
+    delta = maxc - minc
+    s = jnp.where(maxc > 0, delta / jnp.where(maxc > 0, maxc, 1.0), 0.0)
+    safe = jnp.where(delta > 0, delta, 1.0)
+    rc, gc, bc = (maxc - r) / safe, (maxc - g) / safe, (maxc - b) / safe
+    h = jnp.where(r == maxc, bc - gc, jnp.where(g == maxc, 2.0 + rc - bc, 4.0 + gc - rc))
+    h = jnp.where(delta > 0, (h / 6.0) % 1.0, 0.0)
+    return jnp.stack([h, s, maxc], axis=-1)
+
+
+def model_input(x: jax.Array, dtype=jnp.float32) -> jax.Array:
+    """The network's input [..., 6] (RGB then HSV, each in [0, 1]) in `dtype`.
+
+    x is either uint8 RGB [..., 3] — what crosses from the host, a quarter of float32's bytes —
+    scaled and converted here, inside the jitted step; or an already converted float [..., 6]
+    (`data.color.rgb_to_model_input`), passed through.
+    """
+    if x.shape[-1] == INPUT_CHANNELS and jnp.issubdtype(x.dtype, jnp.floating):
+        return x.astype(dtype)
+    compute = jnp.float64 if jnp.dtype(dtype) == jnp.float64 else jnp.float32
+    rgb = x.astype(compute) / 255.0
+    return jnp.concatenate([rgb, rgb_to_hsv(rgb)], axis=-1).astype(dtype)
+
+
+def input_ok(shape, dtype, resolution: int) -> bool:
+    """Whether x's last three axes are an input `model_input` takes at this resolution: uint8 RGB
+    (r, r, 3) or float RGB+HSV (r, r, 6)."""
+    r = int(resolution)
+    if jnp.dtype(dtype) == jnp.uint8:
+        return tuple(shape[-3:]) == (r, r, 3)
+    return jnp.issubdtype(dtype, jnp.floating) and tuple(shape[-3:]) == (r, r, INPUT_CHANNELS)
+
+
+INPUT_FORMS = "uint8 RGB [..., r, r, 3] or float RGB+HSV [..., r, r, 6]"
+
+
+def depth_input(depth: jax.Array, dtype) -> jax.Array:
+    """Depth targets in [0, 1] as `dtype`: uint8 maps (what crosses from the host) are k/255."""
+    if jnp.dtype(depth.dtype) == jnp.uint8:
+        return depth.astype(dtype) / 255.0
+    return depth.astype(dtype)
+
+
 def scaled(channels: int, width: float, field: str = "model.width") -> int:
     """Channels of a layer under the width multiplier; a layer rounded to zero is an error."""
     c = int(round(channels * width))

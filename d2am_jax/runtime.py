@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import logging
 import signal
 import warnings
@@ -39,6 +40,18 @@ def project_random():
     so the user's own session keeps its setting.
     """
     return jax.threefry_partitionable(False)
+
+
+def with_project_random(fn):
+    """`fn` traced and run under `project_random()`: its random draws are the same whatever the
+    session's global threefry flag (the meta objective and the ERM loss draw MMD prior samples)."""
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with project_random():
+            return fn(*args, **kwargs)
+
+    return wrapped
 
 
 def fast_conv_grad(value) -> bool:

@@ -112,11 +112,12 @@ def gradient_norms(grads) -> dict[str, jax.Array]:
 
 
 def make_predict(config) -> JittedStep:
-    """`predict(params, batch_stats, x[B, H, W, 6]) -> live probability [B]` with running BN
-    statistics (evaluation mode)."""
+    """`predict(params, batch_stats, x) -> live probability [B]` with running BN statistics
+    (evaluation mode); x is uint8 RGB [B, H, W, 3] or float RGB+HSV [B, H, W, 6]."""
     E, _, M = models.build_modules(config.model)
 
     def predict(params, batch_stats, x):
+        x = models.model_input(x)
         feat = E.apply({"params": params["E"], "batch_stats": batch_stats["E"]}, x, False)[0]
         logit, _ = M.apply({"params": params["M"], "batch_stats": batch_stats["M"]}, feat, False)
         return jax.nn.sigmoid(logit)

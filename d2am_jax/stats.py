@@ -16,7 +16,6 @@ import numpy as np
 
 from d2am_jax import domains, models
 from d2am_jax import state as state_lib
-from d2am_jax.data.color import rgb_to_model_input
 
 # What domains.domain_features reads from each DRLM; p_logit (for L_p) is not needed here.
 STATS_KEYS = ("attention", "mean", "std")
@@ -43,7 +42,7 @@ def make_stats_pass(config, batch_size: int,
     `source` is either
       * a frame store — any object with `__len__` and `__getitem__(idx)` returning uint8
         [len(idx), H, W, 3] RGB (`InMemoryFrames`, `CachedFrames`, a uint8 numpy array); it is read
-        in index order, batch_size frames at a time, through `data.color.rgb_to_model_input`; or
+        in index order, batch_size frames at a time, uint8 to the device (converted there); or
       * an iterable (list, tuple, generator, iterator) of model-input batches: float arrays
         [m, H, W, 6], or dicts with 'x' and optionally a boolean 'mask' marking real rows (what
         `MetaBatchSampler.eval_batches` yields); rows are taken in order, masked-out rows dropped.
@@ -66,7 +65,7 @@ def make_stats_pass(config, batch_size: int,
 
         def micro(xs):
             variables = {"params": params_e, "batch_stats": batch_stats_e}
-            _, _, drlm = E.apply(variables, xs.astype(dtype), False)
+            _, _, drlm = E.apply(variables, models.model_input(xs, dtype), False)
             # Only the [B, C] statistics leave the device; XLA drops everything else unused.
             return [{key: stats[key] for key in STATS_KEYS} for stats in drlm]
 
@@ -108,7 +107,8 @@ def compute_bank(stats_fn: Callable[..., DrlmStats], params_E, batch_stats_E, fr
 
 
 def padded_batches(source, batch_size: int, resolution: int) -> Iterator[tuple[np.ndarray, int]]:
-    """(x float32 [batch_size, r, r, 6], number of real rows) in order; padded rows are zeros.
+    """(x [batch_size, r, r, C], number of real rows) in order (uint8 RGB from a frame store, float32
+    RGB+HSV from model-input batches); padded rows are zeros.
 
     Rows of an input iterable are regrouped into full batches, so only the very last is padded.
     """
@@ -123,12 +123,13 @@ def padded_batches(source, batch_size: int, resolution: int) -> Iterator[tuple[n
             held, num_held = [rows[batch_size:]], num_held - batch_size
     if num_held:
         rows = np.concatenate(held)
-        pad = np.zeros((batch_size - num_held,) + rows.shape[1:], np.float32)
+        pad = np.zeros((batch_size - num_held,) + rows.shape[1:], rows.dtype)
         yield np.concatenate([rows, pad]), num_held
 
 
 def _model_inputs(source, batch_size: int, resolution: int) -> Iterator[np.ndarray]:
-    """Unpadded float32 model-input arrays [m, r, r, 6] (m ≥ 1) from either kind of source."""
+    """Unpadded input arrays (m ≥ 1): uint8 RGB [m, r, r, 3] from a frame store (converted on the
+    device), float32 RGB+HSV [m, r, r, 6] from an iterable of model-input batches."""
     if _is_frame_store(source):
         yield from _frame_store_inputs(source, batch_size, resolution)
         return
@@ -160,11 +161,11 @@ def _frame_store_inputs(frames, batch_size: int, resolution: int) -> Iterator[np
                 f"stats pass: frames {idx[0]}–{idx[-1]} came back with shape {rgb.shape} and dtype "
                 f"{rgb.dtype}; expected {expected} with m = {len(idx)}"
             )
-        yield rgb_to_model_input(rgb)
+        yield rgb
 
 
 def _checked_input_batch(batch, i: int, resolution: int) -> np.ndarray:
-    """Batch i of an input iterable as float32 [m, r, r, 6], masked-out rows removed."""
+    """Batch i of an input iterable (uint8 RGB or float32 RGB+HSV), masked-out rows removed."""
     mask = None
     if isinstance(batch, Mapping):
         if "x" not in batch:
@@ -173,12 +174,10 @@ def _checked_input_batch(batch, i: int, resolution: int) -> np.ndarray:
         x, mask = np.asarray(batch["x"]), batch.get("mask")
     else:
         x = np.asarray(batch)
-    shape = (resolution, resolution, models.INPUT_CHANNELS)
-    if x.ndim != 4 or x.shape[1:] != shape or not np.issubdtype(x.dtype, np.floating):
+    if x.ndim != 4 or not models.input_ok(x.shape, x.dtype, resolution):
         raise ValueError(
             f"stats pass: input batch {i} field 'x' has shape {x.shape} and dtype {x.dtype}; "
-            f"expected float [m, {resolution}, {resolution}, {models.INPUT_CHANNELS}] RGB+HSV "
-            f"(data.resolution={resolution})"
+            f"expected [m, r, r, C] with {models.INPUT_FORMS} (data.resolution={resolution})"
         )
     if mask is not None:
         mask = np.asarray(mask)
@@ -186,7 +185,7 @@ def _checked_input_batch(batch, i: int, resolution: int) -> np.ndarray:
             raise ValueError(f"stats pass: input batch {i} field 'mask' has shape {mask.shape} and "
                              f"dtype {mask.dtype}; expected bool [{len(x)}]")
         x = x[mask]
-    return x.astype(np.float32, copy=False)
+    return x if x.dtype == np.uint8 else x.astype(np.float32, copy=False)
 
 
 def _real_rows(out: Any, num_real: int) -> DrlmStats:

@@ -13,6 +13,7 @@ validation, never by the target).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -31,6 +32,7 @@ from d2am_jax import (
     domains,
     erm,
     evaluation,
+    feed,
     logs,
     meta,
     runtime,
@@ -84,10 +86,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     total = int(config.num_epochs) * spe
     step = int(jax.device_get(state.step))
     last_good = step or None                  # the newest checkpoint's step
-    rate = _Rate()
+    rate, batches = _Rate(), None
     logs.write_results(workdir, run.results)
     with logs.MetricLog(workdir, run.log_lines, (step + 1) if step else None) as metric_log, \
-            runtime.Preemption() as preemption, \
+            runtime.Preemption() as preemption, contextlib.ExitStack() as stack, \
             tqdm.tqdm(total=total, initial=min(step, total), unit="step",
                       disable=not config.progress, dynamic_ncols=True) as bar:
         while step < total and not preemption.requested:            # line 3
@@ -99,25 +101,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 runtime.release_host_memory()  # the stats pass and clustering compiled/allocated
                 metric_log.write({"kind": "assignment", "epoch": epoch + 1, "step": step,
                                   "seconds": time.time() - t0, **diagnostics})
-            t0 = time.time()                                          # lines 9–17
-            batch = (sampler.meta_batch(pseudo, epoch, in_epoch) if d2am
-                     else sampler.pooled_batch(epoch, in_epoch))
-            state, metrics = steps.train(state, {key: batch[key] for key in ("x", "y", "depth")})
+            if batches is None:  # this epoch's batches, prepared ahead on a background thread
+                batches = stack.enter_context(feed.training_batches(
+                    config, sampler, pseudo, epoch, in_epoch, spe))
+            t0, waited = time.time(), batches.wait_seconds              # lines 9–17
+            batch = next(batches)
+            state, metrics = steps.train(state, batch)
             if not rate.images:
                 runtime.release_host_memory()   # the compiler's freed heap (~1 GB on CPU)
             scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
             logs.check_finite(scalars, f"epoch {epoch + 1} step {in_epoch + 1} (global step "
                               f"{step + 1})", last_good, ckpt.latest_dir)
             step += 1
-            rate.add(batch["y"].size, time.time() - t0)
+            rate.add(batch["y"].size, time.time() - t0, batches.wait_seconds - waited)
             bar.update(1)
             if step % int(config.log_every) == 0:
-                images_per_s = rate.take()
+                images_per_s, wait_share = rate.take()
                 bar.set_postfix({"img/s": f"{images_per_s:.1f}",
                                  "loss": f"{scalars['loss/total']:.3f}"})
                 metric_log.write({"kind": "train", "epoch": epoch + 1, "step": step,
-                                  "images_per_s": images_per_s, **scalars})
+                                  "images_per_s": images_per_s, "input_wait_share": wait_share,
+                                  **scalars})
             epoch_end = step % spe == 0
+            if epoch_end:
+                batches.close()
+                batches = None
             best = False
             if epoch_end and ((epoch + 1) % int(config.eval.every_epochs) == 0 or step == total):
                 best = _evaluate(config, run, steps.predict, state, data, epoch + 1, step,
@@ -143,20 +151,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 class _Rate:
-    """Images per second over the time spent sampling and stepping (not saving or evaluating)."""
+    """Images per second over the time spent waiting for batches and stepping (not saving or
+    evaluating), and the share of that time the loop waited for its input."""
 
     def __init__(self):
-        self.images, self._window_images, self._seconds = 0, 0, 0.0
+        self.images, self._window_images, self._seconds, self._waited = 0, 0, 0.0, 0.0
 
-    def add(self, images: int, seconds: float) -> None:
+    def add(self, images: int, seconds: float, waited: float) -> None:
         self.images += images
         self._window_images += images
         self._seconds += seconds
+        self._waited += waited
 
-    def take(self) -> float:
-        value = self._window_images / max(self._seconds, 1e-9)
-        self._window_images, self._seconds = 0, 0.0
-        return value
+    def take(self) -> tuple[float, float]:
+        seconds = max(self._seconds, 1e-9)
+        out = self._window_images / seconds, min(1.0, self._waited / seconds)
+        self._window_images, self._seconds, self._waited = 0, 0.0, 0.0
+        return out
 
 
 class ImageNetBank:

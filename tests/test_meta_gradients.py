@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from conftest import random_meta_batch, tiny_config
 
-from d2am_jax import losses, meta, models
+from d2am_jax import losses, meta, models, runtime
 from d2am_jax import state as state_lib
 
 
@@ -23,6 +23,7 @@ def _config(alpha):
     return config
 
 
+@runtime.with_project_random  # the project's random streams: the same prior samples as meta.py
 def reference_objective(config, params, batch_stats, batch, key, const_grads, use_const):
     """Eq. 11–13 written out with Python loops over domains, independently of meta.py's flat
     K·B batch (here E and D see one domain batch at a time).

@@ -5,7 +5,6 @@ import logging
 import numpy as np
 import pytest
 
-from d2am_jax.data.color import rgb_to_model_input
 from d2am_jax.data.depth import face_depth_prior
 from d2am_jax.data.sampler import CachedFrames, InMemoryFrames, MetaBatchSampler
 
@@ -22,7 +21,7 @@ def indexed_frames(n: int = N, res: int = RES) -> np.ndarray:
 
 
 def indices_of(x: np.ndarray) -> np.ndarray:
-    rgb = np.rint(x[..., 0, 0, :3] * 255).astype(int)
+    rgb = x[..., 0, 0, :3].astype(int)
     return rgb[..., 0] + 256 * rgb[..., 1]
 
 
@@ -39,14 +38,14 @@ def make(frames=None, labels=LABELS, depth=None, **kw):
 
 def test_meta_batch_layout_and_ranges():
     batch = make().meta_batch(PSEUDO, epoch=0, step=0)
-    assert batch["x"].shape == (K, B, RES, RES, 6) and batch["x"].dtype == np.float32
+    # What crosses to the device is uint8: frames as stored, depth as k/255.
+    assert batch["x"].shape == (K, B, RES, RES, 3) and batch["x"].dtype == np.uint8
     assert batch["y"].shape == (K, B) and batch["y"].dtype == np.float32
-    assert batch["depth"].shape == (K, B, D, D) and batch["depth"].dtype == np.float32
+    assert batch["depth"].shape == (K, B, D, D) and batch["depth"].dtype == np.uint8
     assert batch["domains"].shape == (K,) and batch["domains"].dtype == np.int32
-    assert batch["x"].min() >= 0.0 and batch["x"].max() <= 1.0
-    # x is exactly the RGB+HSV conversion of the chosen frames.
+    # x is exactly the chosen frames.
     idx = indices_of(batch["x"])
-    np.testing.assert_array_equal(batch["x"], rgb_to_model_input(indexed_frames()[idx]))
+    np.testing.assert_array_equal(batch["x"], indexed_frames()[idx])
     np.testing.assert_array_equal(batch["y"], LABELS[idx])
 
 
@@ -100,8 +99,8 @@ def test_replacement_only_where_a_domain_is_short():
 def test_prior_depth_for_live_and_zeros_for_spoof():
     batch = make().meta_batch(PSEUDO, 0, 0)
     live = batch["y"] == 1
-    np.testing.assert_array_equal(batch["depth"][live], np.broadcast_to(
-        face_depth_prior(D), (live.sum(), D, D)))
+    prior = np.rint(face_depth_prior(D) * 255).astype(np.uint8)
+    np.testing.assert_array_equal(batch["depth"][live], np.broadcast_to(prior, (live.sum(), D, D)))
     assert np.all(batch["depth"][~live] == 0)
 
 
@@ -118,14 +117,14 @@ class ConstantDepth:
 def test_depth_store_is_resized_and_spoof_zeroed():
     batch = make(depth=ConstantDepth(), depth_size=4).meta_batch(PSEUDO, 0, 0)
     assert batch["depth"].shape == (K, B, 4, 4)
-    expected = np.broadcast_to(0.5 * batch["y"][..., None, None], (K, B, 4, 4))
-    np.testing.assert_allclose(batch["depth"], expected)
+    expected = np.broadcast_to(np.rint(127.5 * batch["y"][..., None, None]), (K, B, 4, 4))
+    np.testing.assert_array_equal(batch["depth"], expected)
 
 
 def test_pooled_batch_is_balanced_and_deterministic():
     sampler = make()
     batch = sampler.pooled_batch(0, 3)
-    assert batch["x"].shape == (1, K * B, RES, RES, 6)
+    assert batch["x"].shape == (1, K * B, RES, RES, 3)
     assert batch["y"].shape == (1, K * B) and batch["depth"].shape == (1, K * B, D, D)
     assert batch["y"].sum() == K * B // 2
     np.testing.assert_array_equal(batch["domains"], [-1])
@@ -137,7 +136,7 @@ def test_eval_batches_pad_and_mask_in_order():
     batches = list(make().eval_batches(indices, batch_size=4))
     assert len(batches) == 3
     for b in batches:
-        assert b["x"].shape == (4, RES, RES, 6) and b["y"].shape == (4,)
+        assert b["x"].shape == (4, RES, RES, 3) and b["y"].shape == (4,)
         assert b["mask"].dtype == np.bool_
     np.testing.assert_array_equal(batches[-1]["mask"], [True, True, False, False])
     assert np.all(batches[-1]["x"][2:] == 0) and np.all(batches[-1]["y"][2:] == 0)

@@ -53,6 +53,10 @@ def get_data_config() -> ml_collections.ConfigDict:
     d.target = ""                  # name='manifest' | 'synthetic': comma-separated target domains
     d.source_val_fraction = 0.1    # share of source videos (per class) held out for source_val
     d.cache_bytes = 8 << 30        # decoded frames kept in memory (data.sampler.CachedFrames)
+    d.encoded_in_memory = True     # built data: keep the encoded records in memory (about the
+    #                                dataset's size on disk); False streams them from ArrayRecord
+    d.workers = 0                  # threads decoding frames (0 = one per core this process has)
+    d.prefetch = 2                 # batches prepared ahead of the step (a bounded queue)
     # name='synthetic': the built-in mixture (data/synthetic.py, data/SYNTHETIC.md)
     d.synthetic = ml_collections.ConfigDict()
     d.synthetic.num_domains = 4    # latent domains; `source`/`target` pick among 0..num_domains-1

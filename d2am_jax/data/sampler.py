@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
 import cv2
 import numpy as np
 
-from d2am_jax.data.color import rgb_to_model_input
 from d2am_jax.data.depth import face_depth_prior
 
 log = logging.getLogger(__name__)
@@ -74,10 +74,13 @@ class CachedFrames:
     """Frames decoded on first use by `decode_one(i)` and kept while they fit in `budget_bytes`.
 
     Frames that do not fit are decoded again whenever asked for (logged once). Every decoded frame
-    is checked to be uint8 [H, W, 3] with frame 0's H and W; the error names the frame.
+    is checked to be uint8 [H, W, 3] with frame 0's H and W; the error names the frame. The frames
+    one call misses are decoded by `workers` threads (PIL's decoders release the GIL); the cache
+    itself is only written by the calling thread.
     """
 
-    def __init__(self, n: int, decode_one: Callable[[int], np.ndarray], budget_bytes: int):
+    def __init__(self, n: int, decode_one: Callable[[int], np.ndarray], budget_bytes: int,
+                 workers: int = 1):
         if n < 1:
             raise ValueError(f"CachedFrames: n must be ≥ 1, got {n}")
         if budget_bytes < 0:
@@ -90,6 +93,7 @@ class CachedFrames:
         self._cached = 0
         self._shape: tuple[int, int, int] | None = None
         self._warned = False
+        self._pool = ThreadPoolExecutor(workers, "decode") if workers > 1 else None
 
     def __len__(self) -> int:
         return self._n
@@ -132,13 +136,13 @@ class CachedFrames:
         slots = self._slot[idx]
         hit = slots >= 0
         out[hit] = self._store[slots[hit]]
-        for k in np.flatnonzero(~hit):
-            i = int(idx[k])
-            if self._slot[i] >= 0:  # the same frame asked for twice in this call
-                out[k] = self._store[self._slot[i]]
-                continue
-            out[k] = self._decode(i)
-            self._keep(i, out[k])
+        missed = np.unique(idx[~hit])          # a frame asked for twice is decoded once
+        positions = np.flatnonzero(~hit)
+        decoded = (self._pool.map(self._decode, missed.tolist()) if self._pool is not None
+                   else map(self._decode, missed.tolist()))
+        for i, frame in zip(missed.tolist(), decoded):
+            out[positions[idx[positions] == i]] = frame
+            self._keep(i, frame)
         return out
 
     def warm(self) -> int:
@@ -257,8 +261,9 @@ class MetaBatchSampler:
         return idx, order.astype(np.int32)
 
     def meta_batch(self, pseudo_domain, epoch: int, step: int) -> dict[str, np.ndarray]:
-        """{'x': float32 [K, B, H, W, 6], 'y': float32 [K, B], 'depth': float32 [K, B, d, d],
-        'domains': int32 [K]}; rows 0..K−2 are meta-train, row K−1 meta-test."""
+        """{'x': uint8 RGB [K, B, H, W, 3], 'y': float32 [K, B], 'depth': uint8 [K, B, d, d] (k/255),
+        'domains': int32 [K]}; rows 0..K−2 are meta-train, row K−1 meta-test. What crosses to the
+        device stays uint8: scaling and RGB→HSV run inside the step (`models.model_input`)."""
         idx, order = self.meta_indices(pseudo_domain, epoch, step)
         batch = self._examples(idx.reshape(-1))
         k, b = idx.shape
@@ -278,7 +283,7 @@ class MetaBatchSampler:
         return batch
 
     def eval_batches(self, indices, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-        """{'x': [batch_size, H, W, 6], 'y': [batch_size], 'mask': bool [batch_size]} in the
+        """{'x': uint8 [batch_size, H, W, 3], 'y': [batch_size], 'mask': bool [batch_size]} in the
         order of `indices`; the last batch is zero-padded and its mask marks the real rows, so an
         evaluation step compiles once."""
         if batch_size < 1:
@@ -290,9 +295,9 @@ class MetaBatchSampler:
         for start in range(0, indices.size, batch_size):
             chunk = indices[start:start + batch_size]
             m = chunk.size
-            x = np.zeros((batch_size, h, w, 6), np.float32)
+            x = np.zeros((batch_size, h, w, 3), np.uint8)
             y = np.zeros(batch_size, np.float32)
-            x[:m] = rgb_to_model_input(self._frames(chunk))
+            x[:m] = self._frames(chunk)
             y[:m] = self.labels[chunk]
             yield {"x": x, "y": y, "mask": np.arange(batch_size) < m}
 
@@ -318,10 +323,13 @@ class MetaBatchSampler:
 
     def _examples(self, idx: np.ndarray) -> dict[str, np.ndarray]:
         y = self.labels[idx].astype(np.float32)
-        return {"x": rgb_to_model_input(self._frames(idx)), "y": y,
-                "depth": self._depth(idx, y)}
+        return {"x": self._frames(idx), "y": y, "depth": self._depth(idx, y)}
 
     def _depth(self, idx: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """uint8 [n, d, d] depth targets, k/255 (8-bit like the stored maps), zero for spoof."""
+        return np.rint(self._depth_maps(idx, y) * 255.0).astype(np.uint8)
+
+    def _depth_maps(self, idx: np.ndarray, y: np.ndarray) -> np.ndarray:
         d = self.depth_size
         if self.depth is None:
             return self._prior[None] * y[:, None, None]

@@ -13,6 +13,7 @@ from typing import NamedTuple
 import numpy as np
 
 from d2am_jax.data.dataset import FasData, depth_size
+from d2am_jax.data.pipeline import default_workers
 from d2am_jax.data.sampler import CachedFrames, InMemoryFrames
 from d2am_jax.errors import UserError
 
@@ -90,7 +91,9 @@ def _cached(data: FasData, config, what: str) -> FasData:
             f"{what}: frames were built at {tuple(data.frames.shape)}, but "
             f"config.data.resolution={r}; rebuild at that resolution (--config resolution={r}) "
             f"or set --config.data.resolution={data.frames.shape[0]}")
-    frames = CachedFrames(len(data), data.frames.decode_one, int(config.data.cache_bytes))
+    workers = int(config.data.workers) or default_workers()
+    frames = CachedFrames(len(data), data.frames.decode_one, int(config.data.cache_bytes),
+                          workers)
     return FasData(frames, data.labels.astype(np.int32), data.depth, data.video.astype(str),
                    data.domain.astype(str), data.attack.astype(str), data.frame, data.origin,
                    data.skipped)
@@ -117,7 +120,8 @@ def _built(config, workdir: str) -> tuple[FasData, FasData, str]:
         protocol = protocols.get(config.data.protocol, config.data.splits)
         names = {p.dataset for p in protocol.source + protocol.target}
         configs = {name: {"resolution": r} for name in names}
-    source, target = protocols.load(protocol, data_dir, configs, depth_size=depth_size(r))
+    source, target = protocols.load(protocol, data_dir, configs, depth_size=depth_size(r),
+                                    in_memory=bool(config.data.encoded_in_memory))
     return (_cached(source, config, f"{protocol.name} source"),
             _cached(target, config, f"{protocol.name} target"), protocol.name)
 

@@ -1,69 +1,81 @@
-"""Images/s of MetaBatchSampler.meta_batch alone (64×64, K = 3, B = 32), in memory and cached.
+"""The input pipeline alone: meta-batches from a built ArrayRecord dataset to device-ready uint8
+arrays, cold (every frame decoded from its PNG record) and from the decoded-frame cache.
 
-Prints one JSON line.  python experiments/bench/sampler.py [--steps 50] [--per_domain 400]
+  python experiments/bench/sampler.py --resolution R --workers N [--steps 20] [--per_domain 200]
+
+Builds fas_synthetic at R×R once into --data_dir (default a temporary folder), reads it as a run
+does (`loader.load`, records kept encoded in memory), and times `MetaBatchSampler.meta_batch`
+(K = 3, B = 32) with N decoding threads. Prints one JSON line: images_per_s and
+cpu_ms_per_image (process CPU time per image: what sizes the host of a GPU) for the cold pass and
+for the cached one, and meta_batches_per_s.
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import json
+import os
+import platform
+import tempfile
 import time
 
 import numpy as np
-from PIL import Image
 
-from d2am_jax.data.sampler import CachedFrames, InMemoryFrames, MetaBatchSampler
-from d2am_jax.data.synthetic import SyntheticConfig, generate
+from d2am_jax.data import build, loader
+from d2am_jax.data.dataset import depth_size
+from d2am_jax.data.sampler import CachedFrames, MetaBatchSampler
 
 K, B = 3, 32
 
 
-def png_bytes(images: np.ndarray) -> list[bytes]:
-    out = []
-    for img in images:
-        buf = io.BytesIO()
-        Image.fromarray(img).save(buf, format="PNG")
-        out.append(buf.getvalue())
-    return out
-
-
-def meta_batch_images_per_s(sampler: MetaBatchSampler, pseudo: np.ndarray, steps: int) -> float:
-    sampler.meta_batch(pseudo, 0, 0)  # pools of this pseudo_domain are computed once, as in a run
-    start = time.perf_counter()
-    for step in range(1, steps + 1):
-        sampler.meta_batch(pseudo, 0, step)
-    return steps * K * B / (time.perf_counter() - start)
+def timed_batches(sampler: MetaBatchSampler, pseudo: np.ndarray, steps: int,
+                  epoch: int) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of `steps` meta-batches."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    for step in range(steps):
+        batch = sampler.meta_batch(pseudo, epoch, step)
+        assert batch["x"].dtype == np.uint8 and batch["depth"].dtype == np.uint8
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--per_domain", type=int, default=400)
+    parser.add_argument("--resolution", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--per_domain", type=int, default=200)
+    parser.add_argument("--data_dir", default="")
     args = parser.parse_args()
 
-    data = generate(SyntheticConfig(resolution=64, num_domains=K, per_domain=args.per_domain))
-    pseudo, labels = data["domain"], data["label"]
-    settings = dict(num_domains=K, per_domain_batch=B, depth_size=64 // 8, seed=0)
+    data_dir = args.data_dir or os.path.join(tempfile.gettempdir(), "d2am_bench_sampler")
+    r = args.resolution
+    config = {"resolution": r, "num_domains": K, "per_domain": args.per_domain}
+    build.build("fas_synthetic", data_dir, config=config)
+    parts = [loader.load("fas_synthetic", f"domain{d}", data_dir, config,
+                         depth_size=depth_size(r)) for d in range(K)]
+    data = loader.concat(parts)
+    pseudo = np.repeat(np.arange(K), [len(p) for p in parts]).astype(np.int32)
+    images = args.steps * K * B
 
-    in_memory = MetaBatchSampler(InMemoryFrames(data["image"]), labels, None, **settings)
-    in_memory_ips = meta_batch_images_per_s(in_memory, pseudo, args.steps)
+    def sampler(budget: int) -> MetaBatchSampler:
+        frames = CachedFrames(len(data), data.frames.decode_one, budget, args.workers)
+        return MetaBatchSampler(frames, data.labels, data.depth, num_domains=K,
+                                per_domain_batch=B, depth_size=depth_size(r), seed=0)
 
-    blobs = png_bytes(data["image"])
-    frames = CachedFrames(len(blobs), lambda i: np.asarray(Image.open(io.BytesIO(blobs[i]))),
-                          budget_bytes=1 << 30)
-    start = time.perf_counter()
-    frames.warm()  # the first pass: every frame decoded once
-    first_pass_ips = len(blobs) / (time.perf_counter() - start)
-    cached = MetaBatchSampler(frames, labels, None, **settings)
-    cached_ips = meta_batch_images_per_s(cached, pseudo, args.steps)
-
+    # Cold: a zero-byte cache, so every frame of every batch is decoded from its record.
+    cold_wall, cold_cpu = timed_batches(sampler(0), pseudo, args.steps, 0)
+    warm = sampler(1 << 34)
+    warm.frames.warm()
+    warm_wall, warm_cpu = timed_batches(warm, pseudo, args.steps, 1)
     print(json.dumps({
-        "bench": "sampler.meta_batch", "resolution": 64, "K": K, "per_domain_batch": B,
-        "frames": len(labels), "steps": args.steps,
-        "in_memory_images_per_s": round(in_memory_ips, 1),
-        "cached_images_per_s": round(cached_ips, 1),
-        "png_first_pass_images_per_s": round(first_pass_ips, 1),
+        "bench": "input pipeline: ArrayRecord to uint8 meta-batch", "resolution": r,
+        "workers": args.workers, "K": K, "per_domain_batch": B, "frames": len(data),
+        "steps": args.steps, "images_per_s": round(images / cold_wall, 1),
+        "cpu_ms_per_image": round(1e3 * cold_cpu / images, 3),
+        "meta_batches_per_s": round(args.steps / cold_wall, 2),
+        "cached_images_per_s": round(images / warm_wall, 1),
+        "cached_cpu_ms_per_image": round(1e3 * warm_cpu / images, 3),
+        "cores": len(os.sched_getaffinity(0)), "machine": platform.processor() or "unknown",
     }))
 
 

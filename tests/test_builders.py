@@ -26,7 +26,9 @@ GRAY = 90
 RED = (230, 20, 20)
 # A square the annotation tests draw and annotate: (x, y, w, h).
 BOX = (42, 20, 66, 66)
-SMALL = {"frames_per_video": "2", "resolution": "32"}
+# depth=prior: these tests are about sampling, crops and labels (tests/test_facemesh.py covers
+# the mesh depth maps on real faces).
+SMALL = {"frames_per_video": "2", "resolution": "32", "depth": "prior"}
 
 
 def write_video(path, kind="face", n_frames=4, box=BOX, color=RED):
@@ -234,7 +236,7 @@ def test_replay_missing_face_file_falls_back_to_haar_and_unknown_folder_fails(tm
     rel = "real/client002_session01_webcam_authenticate_adverse_1"
     write_video(os.path.join(root, "train", rel + ".mov"), "face")  # no .face file
     summary = build.build("replay_attack", str(tmp_path / "out"), root, SMALL)
-    assert summary["notes"]["videos_annotation_unusable_used_haar"] == 1
+    assert summary["notes"]["videos_annotation_unusable_used_detector"] == 1
     assert summary["examples"]["train"] == 8
     with pytest.raises(BadItem, match="is missing"):  # 'annotations' insists on them
         build.build("replay_attack", str(tmp_path / "out2"), root,
@@ -266,7 +268,7 @@ def test_msu_face_files_in_face_locations_folder(tmp_path):
               os.path.join(root, "face-locations", stem + ".face"))
     summary, sets = build_and_load("msu_mfsd", root, tmp_path / "out",
                                    dict(SMALL, face_margin="0"))
-    assert "videos_annotation_unusable_used_haar" not in summary["notes"]
+    assert "videos_annotation_unusable_used_detector" not in summary["notes"]
     assert all(red_fraction(sets["train"].frames.decode_one(i)) > 0.9 for i in range(4))
 
 def test_missing_release_names_the_expected_layout(tmp_path):
@@ -284,7 +286,7 @@ def add_bad_casia_videos(root):
 
 
 @pytest.mark.parametrize("bad, message", [
-    ("noise", r"HR_2.avi: no face found by the Haar cascade in any of the 2 sampled frames"),
+    ("noise", r"HR_2.avi: no face found by BlazeFace or the Haar cascade in any of the 2 sampled frames"),
     ("garbage", r"HR_3.avi: OpenCV cannot open this video"),
     ("unknown", r"9.avi: unknown CASIA-FASD video name '9'"),
 ])
@@ -299,7 +301,7 @@ def test_bad_videos_fail_naming_the_file(tmp_path, bad, message):
         write_video(os.path.join(folder, "9.avi"))
     with pytest.raises(BadItem, match=message):
         build.build("casia_fasd", str(tmp_path / "out"), root, SMALL)
-    assert not os.path.exists(tmp_path / "out" / "casia_fasd" / "frames_per_video-2__resolution-32"
+    assert not os.path.exists(tmp_path / "out" / "casia_fasd" / "depth-prior__frames_per_video-2__resolution-32"
                               / "1.0.0")
 
 
@@ -326,7 +328,7 @@ def test_depth_dir_maps_are_matched_by_video_and_frame(tmp_path):
     os.makedirs(depth_dir / "train_release" / "1" / "1")
     cv2.imwrite(str(depth_dir / "train_release" / "1" / "1" / "0001.png"), ramp)
     # frame 3 has no map of its own: the nearest one (frame 1) is used, and noted
-    config = dict(SMALL, depth_dir=str(depth_dir))
+    config = dict(SMALL, depth=str(depth_dir))
     summary, sets = build_and_load("casia_fasd", root, tmp_path / "out", config)
     assert summary["notes"]["live_frames_depth_from_nearest_frame"] == 1
     assert summary["notes"]["live_frames_without_depth_map_used_prior"] == 6
@@ -382,7 +384,7 @@ def test_loader_take_concat_and_unbuilt_dataset(tmp_path):
 
 
 def both_dir(out):
-    return str(out / "casia_fasd" / "frames_per_video-2__resolution-32" / "1.0.0")
+    return str(out / "casia_fasd" / "depth-prior__frames_per_video-2__resolution-32" / "1.0.0")
 
 
 # -- configs and the CLI -------------------------------------------------------------------------

@@ -229,3 +229,25 @@ def crop_depth(crop: np.ndarray, size: int | None = None,
         raise MeshError(f"the face mesh finds no face in the crop (presence {presence:.2f} < "
                         f"{min_presence})")
     return depth_from_landmarks(points, size, size / max(h, w))
+
+
+DETECTORS = ("auto", "blazeface", "haar")
+
+
+def find_face_box(rgb: np.ndarray, detector: str = "auto"):
+    """(box (x, y, w, h) of the largest face, the detector that found it) or (None, '').
+
+    'auto': BlazeFace, and the Haar cascade for a frame BlazeFace misses or where the model is
+    not installed; 'blazeface' or 'haar': that one only.
+    """
+    from d2am_jax.data import faces
+    if detector not in DETECTORS:
+        raise ValueError(f"detector: expected one of {DETECTORS}, got {detector!r}")
+    if detector in ("auto", "blazeface") and (detector == "blazeface" or model_available()):
+        face = detect_face(rgb)
+        if face is not None:
+            return face.int_box(), "blazeface"
+        if detector == "blazeface":
+            return None, ""
+    box = faces.detect_face(rgb)
+    return (box, "haar") if box is not None else (None, "")

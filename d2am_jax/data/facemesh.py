@@ -251,3 +251,15 @@ def find_face_box(rgb: np.ndarray, detector: str = "auto"):
             return None, ""
     box = faces.detect_face(rgb)
     return (box, "haar") if box is not None else (None, "")
+
+
+def looks_upside_down(rgb: np.ndarray) -> bool | None:
+    """Whether a frame shows its face turned by 180°: BlazeFace scores the frame as it is and
+    turned, and the better score wins (it still finds upside-down faces, less surely, and its
+    keypoints then follow an upright face's layout, so they cannot tell). None: no face either
+    way."""
+    up = detect_faces(rgb)
+    down = detect_faces(np.ascontiguousarray(rgb[::-1, ::-1]))
+    if not up and not down:
+        return None
+    return max((f.score for f in down), default=0.0) > max((f.score for f in up), default=0.0)

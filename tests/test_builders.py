@@ -377,7 +377,8 @@ def add_bad_casia_videos(root):
 
 
 @pytest.mark.parametrize("bad, message", [
-    ("noise", r"HR_2.avi: no face found by BlazeFace or the Haar cascade in any of the 2 sampled frames"),
+    ("noise", r"HR_2.avi: no face found by BlazeFace or the Haar cascade in any of the 2 "
+              r"sampled frames"),
     ("garbage", r"HR_3.avi: OpenCV cannot open this video"),
     ("unknown", r"9.avi: unknown CASIA-FASD video name '9'"),
 ])
@@ -392,8 +393,8 @@ def test_bad_videos_fail_naming_the_file(tmp_path, bad, message):
         write_video(os.path.join(folder, "9.avi"))
     with pytest.raises(BadItem, match=message):
         build.build("casia_fasd", str(tmp_path / "out"), root, SMALL)
-    assert not os.path.exists(tmp_path / "out" / "casia_fasd" / "depth-prior__frames_per_video-2__resolution-32"
-                              / "1.0.0")
+    assert not os.path.exists(tmp_path / "out" / "casia_fasd"
+                              / "depth-prior__frames_per_video-2__resolution-32" / "1.0.0")
 
 
 def test_skip_bad_skips_counts_and_reports(tmp_path):

@@ -10,9 +10,9 @@ decides live/spoof at that checkpoint's threshold, averaging frame scores per vi
 --manifest: a CSV with a `path` column (relative to the CSV) and optionally `video` (and `label`:
   live/spoof, to print HTER/AUC at the threshold). --video: evenly spaced frames of one video file.
 Frames are resized to the run's resolution (non-square ones are resized, not cropped) unless
---face_crop haar crops the largest face first. Output columns: path, video, frame_score,
-video_score, decision ('live' if the score — the video's mean when videos are known — reaches the
-threshold, else 'spoof'), threshold.
+--face_crop detector (BlazeFace, Haar where it misses) or haar crops the largest face first.
+Output columns: path, video, frame_score, video_score, decision ('live' if the score — the
+video's mean when videos are known — reaches the threshold, else 'spoof'), threshold.
 
 --camera SOURCE: any OpenCV capture source (a camera index such as 0, a video file, a stream URL)
 scored frame by frame with the training preprocessing (BlazeFace, the Haar cascade where it
@@ -96,7 +96,12 @@ def _predict_fn(config_json: str):
 
 
 def _prepared(rgb: np.ndarray, size: int, face_crop: str, where: str) -> np.ndarray:
-    from d2am_jax.data import faces
+    from d2am_jax.data import facemesh, faces
+    if face_crop == "detector":
+        box, _ = facemesh.find_face_box(rgb, "auto")
+        if box is None:
+            raise faces.BadItem(f"{where}: no face found by BlazeFace or the Haar cascade")
+        return faces.crop_face(rgb, box, 0.25, size)
     if face_crop == "haar":
         box = faces.detect_face(rgb)
         if box is None:
@@ -352,7 +357,8 @@ def parse_args(argv):
     p.add_argument("--every", type=int, default=1, help="--camera: score every N-th frame")
     p.add_argument("--max_frames", type=int, default=None, help="--camera: stop after N frames")
     p.add_argument("--show", action="store_true", help="--camera: draw on the frame, q stops")
-    p.add_argument("--face_crop", choices=("none", "haar"), default="none")
+    p.add_argument("--face_crop", choices=("none", "detector", "haar"), default="none",
+                   help="detector: BlazeFace, Haar where it misses (the builders' crop)")
     p.add_argument("--frames_per_video", type=int, default=16)
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--skip_bad", action="store_true",

@@ -394,7 +394,7 @@ def test_bad_videos_fail_naming_the_file(tmp_path, bad, message):
     with pytest.raises(BadItem, match=message):
         build.build("casia_fasd", str(tmp_path / "out"), root, SMALL)
     assert not os.path.exists(tmp_path / "out" / "casia_fasd"
-                              / "depth-prior__frames_per_video-2__resolution-32" / "1.0.0")
+                              / "depth-prior__frames_per_video-2__resolution-32" / "1.1.0")
 
 
 def test_skip_bad_skips_counts_and_reports(tmp_path):
@@ -476,7 +476,7 @@ def test_loader_take_concat_and_unbuilt_dataset(tmp_path):
 
 
 def both_dir(out):
-    return str(out / "casia_fasd" / "depth-prior__frames_per_video-2__resolution-32" / "1.0.0")
+    return str(out / "casia_fasd" / "depth-prior__frames_per_video-2__resolution-32" / "1.1.0")
 
 
 # -- configs and the CLI -------------------------------------------------------------------------

@@ -47,10 +47,12 @@ def check_depth(owner: str, depth: str) -> None:
 
 
 def depth_source(config) -> str:
-    """What a config's live depth maps are, for the dataset's info: mesh, prior, or the
-    absolute path of the user's maps ('' for builders without the option)."""
-    depth = getattr(config, "depth", "")
-    return depth if depth in DEPTH_CHOICES or not depth else os.path.abspath(depth)
+    """What a config's live depth maps are, for the dataset's info: mesh, prior, the absolute
+    path of the user's maps, or 'builder' for a builder that makes its own (fas_synthetic)."""
+    depth = getattr(config, "depth", None)
+    if depth is None:
+        return "builder"
+    return depth if depth in DEPTH_CHOICES else os.path.abspath(depth)
 
 
 def features() -> tfds.features.FeaturesDict:

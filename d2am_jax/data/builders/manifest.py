@@ -13,11 +13,19 @@ import json
 import os
 
 import numpy as np
+import tensorflow_datasets as tfds
 from PIL import Image
 
 from d2am_jax.data import facemesh, faces
-from d2am_jax.data.builders.common import LIVE, REPORT_FILE, SPOOF, FasBuilder, FasConfig
-from d2am_jax.data.builders.common import check_depth, default_depth
+from d2am_jax.data.builders.common import (
+    LIVE,
+    REPORT_FILE,
+    SPOOF,
+    FasBuilder,
+    FasConfig,
+    check_depth,
+    default_depth,
+)
 from d2am_jax.data.faces import BadItem
 
 REQUIRED = ("path", "label")
@@ -69,6 +77,9 @@ class FasManifest(FasBuilder):
     """A user's frames from manifest.csv."""
 
     DESCRIPTION = "User frames listed in a manifest.csv (path,label[,video][,domain][,depth])."
+    VERSION = tfds.core.Version("1.1.0")  # 1.1.0: the depth option, mesh by default
+    RELEASE_NOTES = {"1.0.0": "First release.",
+                     "1.1.0": "depth=mesh by default for live rows without a depth map."}
     BUILDER_CONFIGS = [FasManifestConfig(name="default")]
     MANUAL_DOWNLOAD_INSTRUCTIONS = """\
 Put manifest.csv in manual_dir (or pass --config manifest=PATH). Header and columns:

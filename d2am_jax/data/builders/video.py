@@ -15,6 +15,7 @@ import re
 from typing import Iterator
 
 import numpy as np
+import tensorflow_datasets as tfds
 
 from d2am_jax.data import facemesh, faces
 from d2am_jax.data.builders.common import LIVE, FasBuilder, FasConfig, check_depth, default_depth
@@ -121,6 +122,13 @@ class VideoBuilder(FasBuilder, skip_registration=True):
     """Base of the four video builders. Subclasses define MARKERS, `discover` and, where the
     release has face annotations, `annotation_boxes`."""
 
+    # 1.1.0 changed what the same config builds (mesh depth by default, BlazeFace crops, turned
+    # videos, skipped bad frames): a new version, so a 1.0.0 build is never reused as if it were.
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.0.0": "First release.",
+                     "1.1.0": "depth=mesh by default (Face Mesh depth maps of live frames); "
+                              "BlazeFace with Haar fallback; upside-down videos turned on every "
+                              "crop path; undecodable frames skipped and listed."}
     MARKERS: tuple[str, ...] = ()          # entries that identify the release's root folder
     HAS_ANNOTATIONS = False
 

@@ -130,3 +130,17 @@ def test_bad_capture_sources_are_named(run, tmp_path, capsys):
     with pytest.raises(SystemExit):
         predict.parse_args(["--workdir", workdir, "--images", str(tmp_path)])  # no --out
     assert os.path.isdir(workdir)
+
+
+def _has_gui() -> bool:
+    info = [ln for ln in cv2.getBuildInformation().splitlines() if ln.strip().startswith("GUI:")]
+    return bool(info) and "NONE" not in info[0]
+
+
+@pytest.mark.skipif(_has_gui(), reason="this OpenCV has a GUI: --show would open a window; "
+                                       "the project installs opencv-python-headless")
+def test_show_without_a_gui_says_which_opencv_it_needs(run, video, capsys):
+    workdir, _, _ = run
+    assert predict.main(["--workdir", workdir, "--camera", video, "--show",
+                         "--max_frames", "1"]) == 1
+    assert "--show needs an OpenCV build with a GUI (opencv-python" in capsys.readouterr().err

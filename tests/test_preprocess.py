@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 from skimage import data as skdata
 
-from d2am_jax.data import build, preprocess
+from d2am_jax.data import build, facemesh, preprocess
 
 FACE = np.ascontiguousarray(skdata.astronaut()[0:300, 100:400])   # the face is ~95 px of 300
 COFFEE = skdata.coffee()
@@ -167,3 +167,21 @@ def test_labels_from_a_csv_and_haar_detector(tmp_path):
 def test_missing_input_is_a_user_error(tmp_path, capsys):
     assert preprocess.main([str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 1
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_a_video_stored_upside_down_is_turned(tmp_path):
+    write_video(tmp_path / "in" / "live" / "phone.avi",
+                [np.ascontiguousarray(shifted(i)[::-1, ::-1]) for i in range(3)])
+    report = preprocess.preprocess([str(tmp_path / "in")], str(tmp_path / "o"),
+                                   preprocess.Options(frames=3, size=64), progress=False)
+    assert report.kept["live"] == 3
+    assert [n[2] for n in report.notes] == ["stored upside down: turned by 180°"]
+    depth = np.asarray(Image.open(tmp_path / "o" / "depth" / "in" / "live" / "phone" /
+                                  "000000.png"))
+    iy, ix = np.unravel_index(depth.argmax(), depth.shape)
+    assert 64 / 3 <= iy <= 2 * 64 / 3
+    crop = np.asarray(Image.open(tmp_path / "o" / "crops" / "in" / "live" / "phone" /
+                                 "000000.png"))
+    face = facemesh.detect_face(crop)
+    assert face is not None and face.keypoints[3, 1] > face.keypoints[0, 1]  # mouth below eye
+    assert facemesh.looks_upside_down(crop) is False

@@ -263,3 +263,11 @@ def looks_upside_down(rgb: np.ndarray) -> bool | None:
     if not up and not down:
         return None
     return max((f.score for f in down), default=0.0) > max((f.score for f in up), default=0.0)
+
+
+def video_upside_down(images: list[np.ndarray]) -> bool | None:
+    """Whether a video is stored turned by 180°: the majority of looks_upside_down over up to
+    three of its frames, evenly spread; None when none of them shows a face either way."""
+    step = max(1, len(images) // 3)
+    votes = [v for v in (looks_upside_down(rgb) for rgb in images[::step][:3]) if v is not None]
+    return 2 * sum(votes) > len(votes) if votes else None

@@ -204,16 +204,6 @@ def _frames_of(item: Item, opts: Options, report: Report):
         yield index, path, rgb
 
 
-def _upside_down(frames) -> bool:
-    """BlazeFace's vote (upright or turned score) on up to three of an item's frames."""
-    if not facemesh.model_available():
-        return False
-    step = max(1, len(frames) // 3)
-    votes = [facemesh.looks_upside_down(rgb) for _, _, rgb in frames[::step][:3]]
-    votes = [v for v in votes if v is not None]
-    return bool(votes) and 2 * sum(votes) > len(votes)
-
-
 def _save(rgb_or_gray: np.ndarray, path: str, fmt: str) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "wb") as f:
@@ -225,7 +215,8 @@ def process_item(item: Item, out: str, opts: Options, report: Report) -> list[di
     rows, last_box = [], None
     ext = "png" if opts.image_format == "png" else "jpg"
     frames = list(_frames_of(item, opts, report))
-    if frames and opts.detector != "haar" and _upside_down(frames):
+    if (frames and opts.detector != "haar" and facemesh.model_available()
+            and facemesh.video_upside_down([rgb for _, _, rgb in frames])):
         # phone videos stored turned by 180° (six of MSU-MFSD's): crop and mesh them upright
         frames = [(i, p, np.ascontiguousarray(rgb[::-1, ::-1])) for i, p, rgb in frames]
         report.notes.append((item.paths[0], None, "stored upside down: turned by 180°"))

@@ -211,11 +211,9 @@ class VideoBuilder(FasBuilder, skip_registration=True):
         """Whether a video is stored turned by 180°: BlazeFace's scores upright and turned on up
         to three sampled frames (majority), or, for Haar, no face upright but one turned."""
         if detector != "haar" and facemesh.model_available():
-            step = max(1, len(frames) // 3)
-            votes = [facemesh.looks_upside_down(rgb) for _, rgb in frames[::step][:3]]
-            votes = [v for v in votes if v is not None]
-            if votes:
-                return 2 * sum(votes) > len(votes)
+            vote = facemesh.video_upside_down([rgb for _, rgb in frames])
+            if vote is not None:
+                return vote
         if any(facemesh.find_face_box(rgb, detector)[0] is not None for _, rgb in frames):
             return False
         return any(facemesh.find_face_box(np.ascontiguousarray(rgb[::-1, ::-1]), detector)[0]

@@ -535,3 +535,16 @@ def test_synthetic_builder_round_trips_the_generator(tmp_path):
         np.testing.assert_allclose(got.depth[[k]][0], want["depth"][i], atol=0.5 / 255 + 1e-6)
     assert "tensorflow" not in sys.modules
 
+
+
+def test_without_the_face_model_depth_defaults_to_the_prior_and_mesh_is_refused(tmp_path,
+                                                                               monkeypatch):
+    from d2am_jax.data import facemesh
+    from d2am_jax.errors import MissingFileError, UserError
+    monkeypatch.setattr(facemesh, "model_available", lambda: False)
+    b = builders.builder("casia_fasd", str(tmp_path), {"frames_per_video": "2"})
+    assert b.builder_config.depth == "prior" and b.info.metadata == {"depth": "prior"}
+    with pytest.raises(UserError, match="'mesh' needs the Face Mesh model"):
+        builders.builder("msu_mfsd", str(tmp_path), {"depth": "mesh", "frames_per_video": "2"})
+    with pytest.raises(MissingFileError, match="face_locations: .*nope is not a folder"):
+        builders.builder("replay_attack", str(tmp_path), {"face_locations": str(tmp_path / "nope")})

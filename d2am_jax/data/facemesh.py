@@ -16,6 +16,7 @@ import cv2
 import numpy as np
 
 from d2am_jax.data.faces import BadItem
+from d2am_jax.errors import MissingFileError
 
 MODEL_DIR = os.path.join(os.path.dirname(__file__), "models")
 DETECTOR_PATH = os.path.join(MODEL_DIR, "face_detection_short_range.tflite")
@@ -65,7 +66,7 @@ def _net(path: str):
         nets = _local.nets = {}
     if path not in nets:
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"face model file {path} is missing; reinstall d2am_jax "
+            raise MissingFileError(f"face model file {path} is missing; reinstall d2am_jax "
                                     "(it ships in d2am_jax/data/models/)")
         nets[path] = cv2.dnn.readNetFromTFLite(path)
     return nets[path]

@@ -23,6 +23,7 @@ import tqdm
 
 from d2am_jax.data import facemesh
 from d2am_jax.data.faces import BadItem
+from d2am_jax.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +40,10 @@ def default_depth() -> str:
 def check_depth(owner: str, depth: str) -> None:
     """A config's `depth` must be 'mesh' (with the model installed), 'prior' or a folder."""
     if depth == "mesh" and not facemesh.model_available():
-        raise ValueError(f"{owner}.depth: 'mesh' needs the Face Mesh model "
+        raise UserError(f"{owner}.depth: 'mesh' needs the Face Mesh model "
                          f"({facemesh.MESH_PATH}) and OpenCV ≥ 4.8; use depth=prior or a folder")
     if depth not in DEPTH_CHOICES and not os.path.isdir(depth):
-        raise ValueError(f"{owner}.depth: expected 'mesh', 'prior' or a folder of depth maps, "
+        raise UserError(f"{owner}.depth: expected 'mesh', 'prior' or a folder of depth maps, "
                          f"got {depth!r} (not a folder)")
 
 

@@ -15,6 +15,7 @@ from d2am_jax.data.builders.common import LIVE, SPOOF
 from d2am_jax.data.builders.video import (VideoBuilder, VideoConfig, VideoItem, files_under,
                                           read_annotation_rows, video_id)
 from d2am_jax.data.faces import BadItem
+from d2am_jax.errors import MissingFileError
 
 SPLITS = {"train": "train", "test": "test"}
 LEFT_OUT = ("devel", "enroll")
@@ -35,8 +36,8 @@ class ReplayAttackConfig(VideoConfig):
     def validate(self) -> None:
         super().validate()
         if self.face_locations and not os.path.isdir(self.face_locations):
-            raise ValueError(f"ReplayAttackConfig.face_locations: {self.face_locations} is not "
-                             "a folder")
+            raise MissingFileError(f"ReplayAttackConfig.face_locations: {self.face_locations} "
+                                   "is not a folder")
 
 
 class ReplayAttack(VideoBuilder):

@@ -16,6 +16,7 @@ Face Mesh), DIR/manifest.csv (path,label,video[,domain],depth) and DIR/preproces
 from __future__ import annotations
 
 import argparse
+import collections
 import csv
 import dataclasses
 import json
@@ -298,12 +299,13 @@ def preprocess(inputs: list[str], out: str, opts: Options, labels_csv: str | Non
 def summary_lines(report: Report, out: str) -> list[str]:
     """The closing summary: what was kept, and every dropped or noted frame with its file."""
     where = lambda p, f: p if f is None else f"{p} frame {f}"  # noqa: E731
+    reasons = collections.Counter(r.split(" (")[0].split(": ")[0] for _, _, r in report.dropped)
     lines = [f"kept {sum(report.kept.values())} frames ({report.kept['live']} live, "
              f"{report.kept['spoof']} spoof) from {report.videos} videos/folders → "
              f"{os.path.join(out, 'manifest.csv')}",
              f"faces by detector: {report.detectors or {}}; last box reused: "
              f"{report.reused_boxes}",
-             f"dropped: {len(report.dropped)}"]
+             f"dropped: {len(report.dropped)}" + (f" ({dict(reasons)})" if reasons else "")]
     lines += [f"  dropped: {where(p, f)}: {r}" for p, f, r in report.dropped]
     lines += [f"  note: {where(p, f)}: {r}" for p, f, r in report.notes]
     return lines

@@ -289,10 +289,10 @@ def format_stream_row(row: dict) -> str:
             f"{row['decision']}")
 
 
-def run_stream(model, source: str, out: str | None, window: int, every: int,
+def run_stream(model, cap, source: str, out: str | None, window: int, every: int,
                max_frames: int | None, show: bool) -> dict:
-    """Score a capture source, printing each frame's line; returns the closing summary."""
-    cap = open_capture(source)
+    """Score an open capture (from open_capture(source)), printing each frame's line; releases
+    it and returns the closing summary."""
     rows = []
     try:
         for row in score_stream(model, cap, window, every, max_frames, show):
@@ -414,10 +414,16 @@ def main(argv=None) -> int:
 
 def _main_stream(args) -> int:
     from d2am_jax.data.faces import BadItem
+    source = args.camera if args.camera is not None else args.video
     try:
-        model = Model(args.workdir)
-        summary = run_stream(model, args.camera if args.camera is not None else args.video,
-                             args.out, args.window, args.every, args.max_frames, args.show)
+        cap = open_capture(source)   # a bad source fails before the checkpoint is restored
+        try:
+            model = Model(args.workdir)
+        except BaseException:
+            cap.release()
+            raise
+        summary = run_stream(model, cap, source, args.out, args.window, args.every,
+                             args.max_frames, args.show)
     except (BadItem, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

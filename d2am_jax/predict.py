@@ -3,14 +3,23 @@ decides live/spoof at that checkpoint's threshold, averaging frame scores per vi
 
   python -m d2am_jax.predict --workdir DIR (--images FOLDER | --manifest CSV | --video FILE)
       --out scores.csv [--face_crop none|haar] [--frames_per_video 16] [--skip_bad]
+  python -m d2am_jax.predict --workdir DIR --camera SOURCE [--window 10] [--every 1] [--show]
+      [--max_frames N] [--out frames.csv]      (also: --video FILE --stream)
 
 --images: every image file under FOLDER (recursively); frames in one sub-folder form one video.
 --manifest: a CSV with a `path` column (relative to the CSV) and optionally `video` (and `label`:
   live/spoof, to print HTER/AUC at the threshold). --video: evenly spaced frames of one video file.
 Frames are resized to the run's resolution (non-square ones are resized, not cropped) unless
---face_crop haar crops the largest face first. Output columns: path, video, frame_score,
-video_score, decision ('live' if the score — the video's mean when videos are known — reaches the
-threshold, else 'spoof'), threshold.
+--face_crop detector (BlazeFace, Haar where it misses) or haar crops the largest face first.
+Output columns: path, video, frame_score, video_score, decision ('live' if the score — the
+video's mean when videos are known — reaches the threshold, else 'spoof'), threshold.
+
+--camera SOURCE: any OpenCV capture source (a camera index such as 0, a video file, a stream URL)
+scored frame by frame with the training preprocessing (BlazeFace, the Haar cascade where it
+misses; square crop with a 25% margin at the run's resolution). Each frame prints its score, the
+mean of the last --window scores and the decision at the checkpoint's threshold; a frame without
+a face prints that and keeps the previous decision. --show draws them on the frame (needs an
+OpenCV with GUI; press q to stop). --video FILE --stream scores a file the same way.
 """
 
 from __future__ import annotations
@@ -87,7 +96,12 @@ def _predict_fn(config_json: str):
 
 
 def _prepared(rgb: np.ndarray, size: int, face_crop: str, where: str) -> np.ndarray:
-    from d2am_jax.data import faces
+    from d2am_jax.data import facemesh, faces
+    if face_crop == "detector":
+        box, _ = facemesh.find_face_box(rgb, "auto")
+        if box is None:
+            raise faces.BadItem(f"{where}: no face found by BlazeFace or the Haar cascade")
+        return faces.crop_face(rgb, box, 0.25, size)
     if face_crop == "haar":
         box = faces.detect_face(rgb)
         if box is None:
@@ -190,6 +204,121 @@ def frames_from_video(path: str, size: int, face_crop: str, frames_per_video: in
                   np.full(len(paths), -1, np.int64), skipped)
 
 
+def open_capture(source: str):
+    """cv2.VideoCapture of a camera index ('0'), a video file or a stream URL."""
+    import cv2
+
+    from d2am_jax.errors import MissingFileError, UserError
+    target = int(source) if source.strip().isdigit() else source
+    if isinstance(target, str) and "://" not in target and not os.path.exists(target):
+        raise MissingFileError(f"--camera {source}: no such file (and not a camera index)")
+    cap = cv2.VideoCapture(target)
+    if not cap.isOpened():
+        raise UserError(f"--camera {source}: OpenCV cannot open this capture source")
+    return cap
+
+
+def stream_crops(cap, size: int, every: int = 1, max_frames: int | None = None):
+    """(frame index, RGB frame, face box or None, crop or None) for every `every`-th frame of an
+    open capture, with the training preprocessing; stops at the end or after max_frames."""
+    import cv2
+
+    from d2am_jax.data import facemesh, faces
+    index, done = -1, 0
+    while max_frames is None or done < max_frames:
+        ok, bgr = cap.read()
+        if not ok or bgr is None:
+            return
+        index += 1
+        if index % every:
+            continue
+        done += 1
+        rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+        box, _ = facemesh.find_face_box(rgb, "auto")
+        crop = None if box is None else faces.crop_face(rgb, box, 0.25, size)
+        yield index, rgb, box, crop
+
+
+def score_stream(model, cap, window: int = 10, every: int = 1, max_frames: int | None = None,
+                 show: bool = False):
+    """Score a capture frame by frame: yields one dict per processed frame — frame index, face
+    box, score (None: no face), the mean of the last `window` scores and the decision at the
+    model's threshold (a faceless frame keeps both as they were; '' before any score)."""
+    import collections
+    recent: collections.deque = collections.deque(maxlen=window)
+    mean, decision = float("nan"), ""
+    for index, rgb, box, crop in stream_crops(cap, model.resolution, every, max_frames):
+        score = None if crop is None else float(model.scores(crop[None], 1)[0])
+        if score is not None:
+            recent.append(score)
+            mean = float(np.mean(recent))
+            decision = "live" if mean >= model.threshold else "spoof"
+        row = {"frame": index, "box": box, "score": score, "smoothed": mean,
+               "decision": decision}
+        if show and not _show(rgb, row, model.threshold):
+            return
+        yield row
+
+
+def _show(rgb: np.ndarray, row: dict, threshold: float) -> bool:
+    """Draw the box and decision and show the frame; False when the user pressed q."""
+    import cv2
+
+    from d2am_jax.errors import UserError
+    bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
+    colour = (0, 200, 0) if row["decision"] == "live" else (0, 0, 230)
+    if row["box"] is not None:
+        x, y, w, h = row["box"]
+        cv2.rectangle(bgr, (x, y), (x + w, y + h), colour, 2)
+    text = (f"{row['decision'] or '...'} {row['smoothed']:.3f} (thr {threshold:.3f})"
+            if row["score"] is not None or row["decision"] else "no face")
+    cv2.putText(bgr, text, (10, 30), cv2.FONT_HERSHEY_SIMPLEX, 0.8, colour, 2)
+    try:
+        cv2.imshow("d2am_jax.predict", bgr)
+        return (cv2.waitKey(1) & 0xFF) != ord("q")
+    except cv2.error as e:
+        raise UserError("--show needs an OpenCV build with a GUI (opencv-python, not "
+                        f"opencv-python-headless): {e}") from e
+
+
+def format_stream_row(row: dict) -> str:
+    if row["score"] is None:
+        return (f"frame {row['frame']}: no face"
+                + (f" (still {row['decision']}, {row['smoothed']:.4f})" if row["decision"]
+                   else ""))
+    return (f"frame {row['frame']}: score {row['score']:.4f} smoothed {row['smoothed']:.4f} "
+            f"{row['decision']}")
+
+
+def run_stream(model, cap, source: str, out: str | None, window: int, every: int,
+               max_frames: int | None, show: bool) -> dict:
+    """Score an open capture (from open_capture(source)), printing each frame's line; releases
+    it and returns the closing summary."""
+    rows = []
+    try:
+        for row in score_stream(model, cap, window, every, max_frames, show):
+            print(format_stream_row(row), flush=True)
+            rows.append(row)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        cap.release()
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["frame", "score", "smoothed", "decision", "threshold"])
+            for r in rows:
+                w.writerow([r["frame"], "" if r["score"] is None else f"{r['score']:.6f}",
+                            "" if not r["decision"] else f"{r['smoothed']:.6f}", r["decision"],
+                            f"{model.threshold:.6f}"])
+    faced = [r for r in rows if r["score"] is not None]
+    return {"source": source, "frames": len(rows), "frames_with_face": len(faced),
+            "final_decision": rows[-1]["decision"] if rows else "",
+            "checkpoint": f"{model.which} step {model.step}", "threshold": model.threshold,
+            "window": window}
+
+
 def video_means(videos: list[str], scores: np.ndarray) -> np.ndarray:
     """Each frame's video mean score (its own score when its video id is '')."""
     out = scores.copy()
@@ -219,17 +348,38 @@ def parse_args(argv):
     src.add_argument("--images", help="folder of face images (sub-folders = videos)")
     src.add_argument("--manifest", help="CSV with path[,video][,label]")
     src.add_argument("--video", help="one video file")
-    p.add_argument("--out", required=True, help="CSV to write")
-    p.add_argument("--face_crop", choices=("none", "haar"), default="none")
+    src.add_argument("--camera", metavar="SOURCE",
+                     help="score a live capture: camera index (0), video file or stream URL")
+    p.add_argument("--out", help="CSV to write (optional with --camera / --stream)")
+    p.add_argument("--stream", action="store_true",
+                   help="with --video: score every frame as --camera does")
+    p.add_argument("--window", type=int, default=10,
+                   help="--camera: the decision is the mean of the last N frames' scores")
+    p.add_argument("--every", type=int, default=1, help="--camera: score every N-th frame")
+    p.add_argument("--max_frames", type=int, default=None, help="--camera: stop after N frames")
+    p.add_argument("--show", action="store_true", help="--camera: draw on the frame, q stops")
+    p.add_argument("--face_crop", choices=("none", "detector", "haar"), default="none",
+                   help="detector: BlazeFace, Haar where it misses (the builders' crop)")
     p.add_argument("--frames_per_video", type=int, default=16)
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--skip_bad", action="store_true",
                    help="skip unreadable images / faceless frames (counted) instead of stopping")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    streaming = args.camera is not None or (args.video is not None and args.stream)
+    if not streaming and not args.out:
+        p.error("--out is required (except with --camera or --video --stream)")
+    if args.stream and args.video is None:
+        p.error("--stream goes with --video")
+    if args.window < 1 or args.every < 1:
+        p.error("--window and --every must be ≥ 1")
+    args.streaming = streaming
+    return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.streaming:
+        return _main_stream(args)
     from d2am_jax import metrics
     from d2am_jax.data.faces import BadItem
     try:
@@ -259,6 +409,25 @@ def main(argv=None) -> int:
         summary.update(hter=result["hter"], auc=result["auc"], unit=result["unit"])
     for item in frames.skipped:
         print(f"skipped: {item}", file=sys.stderr)
+    print(json.dumps(summary))
+    return 0
+
+
+def _main_stream(args) -> int:
+    from d2am_jax.data.faces import BadItem
+    source = args.camera if args.camera is not None else args.video
+    try:
+        cap = open_capture(source)   # a bad source fails before the checkpoint is restored
+        try:
+            model = Model(args.workdir)
+        except BaseException:
+            cap.release()
+            raise
+        summary = run_stream(model, cap, source, args.out, args.window, args.every,
+                             args.max_frames, args.show)
+    except (BadItem, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print(json.dumps(summary))
     return 0
 

@@ -26,12 +26,15 @@ GRAY = 90
 RED = (230, 20, 20)
 # A square the annotation tests draw and annotate: (x, y, w, h).
 BOX = (42, 20, 66, 66)
-SMALL = {"frames_per_video": "2", "resolution": "32"}
+# depth=prior: these tests are about sampling, crops and labels (tests/test_facemesh.py covers
+# the mesh depth maps on real faces).
+SMALL = {"frames_per_video": "2", "resolution": "32", "depth": "prior"}
 
 
-def write_video(path, kind="face", n_frames=4, box=BOX, color=RED):
+def write_video(path, kind="face", n_frames=4, box=BOX, color=RED, turned=False):
     """A tiny MJPG .avi: 'face' (astronaut, drifting 2 px per frame), 'square' (a coloured box
-    at `box` on gray, for annotation tests) or 'noise' (no face anywhere)."""
+    at `box` on gray, for annotation tests) or 'noise' (no face anywhere); `turned`: stored
+    upside down, as six of MSU-MFSD's phone videos are."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     out = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"MJPG"), 10, (FRAME_W, FRAME_H))
     rng = np.random.default_rng(0)
@@ -44,6 +47,8 @@ def write_video(path, kind="face", n_frames=4, box=BOX, color=RED):
             frame[y:y + h, x:x + w] = color
         else:
             frame = rng.integers(0, 256, frame.shape, dtype=np.uint8)
+        if turned:
+            frame = frame[::-1, ::-1]
         out.write(np.ascontiguousarray(frame[..., ::-1]))
     out.release()
     return path
@@ -234,7 +239,7 @@ def test_replay_missing_face_file_falls_back_to_haar_and_unknown_folder_fails(tm
     rel = "real/client002_session01_webcam_authenticate_adverse_1"
     write_video(os.path.join(root, "train", rel + ".mov"), "face")  # no .face file
     summary = build.build("replay_attack", str(tmp_path / "out"), root, SMALL)
-    assert summary["notes"]["videos_annotation_unusable_used_haar"] == 1
+    assert summary["notes"]["videos_annotation_unusable_used_detector"] == 1
     assert summary["examples"]["train"] == 8
     with pytest.raises(BadItem, match="is missing"):  # 'annotations' insists on them
         build.build("replay_attack", str(tmp_path / "out2"), root,
@@ -266,8 +271,96 @@ def test_msu_face_files_in_face_locations_folder(tmp_path):
               os.path.join(root, "face-locations", stem + ".face"))
     summary, sets = build_and_load("msu_mfsd", root, tmp_path / "out",
                                    dict(SMALL, face_margin="0"))
-    assert "videos_annotation_unusable_used_haar" not in summary["notes"]
+    assert "videos_annotation_unusable_used_detector" not in summary["notes"]
     assert all(red_fraction(sets["train"].frames.decode_one(i)) > 0.9 for i in range(4))
+
+
+def face_frame(i):
+    """Frame i of write_video(kind='face'), upright."""
+    frame = np.full((FRAME_H, FRAME_W, 3), GRAY, np.uint8)
+    frame[15:95, 30 + 2 * i:110 + 2 * i] = cv2.resize(FACE, (80, 80))
+    return frame
+
+
+def test_msu_upside_down_video_is_turned_with_the_face_file_boxes(tmp_path):
+    root = fake_msu(str(tmp_path / "rel"))
+    stem = os.path.join(root, "scene01", "real", "real_client002_android_SD_scene01")
+    write_video(stem + ".mp4", "face", turned=True)
+    # the .face boxes are in the stored (upside-down) frame: x' = W − x − w, y' = H − y − h
+    write_text(stem + ".face", "".join(
+        f"{i},{FRAME_W - 110 - 2 * i},{FRAME_H - 95},{FRAME_W - 30 - 2 * i},{FRAME_H - 15}\n"
+        for i in range(4)))
+    summary, sets = build_and_load("msu_mfsd", root, tmp_path / "out",
+                                   dict(SMALL, face_margin="0", resolution="48"))
+    assert summary["notes"]["videos_rotated_180_to_find_the_face"] == 1
+    train = sets["train"]
+    rows = [i for i in range(len(train)) if "android" in train.video[i]]
+    assert [int(train.frame[i]) for i in rows] == [1, 3]
+    for i in rows:
+        stored = train.frames.decode_one(i).astype(float)
+        upright = faces.crop_face(face_frame(int(train.frame[i])),
+                                  (30 + 2 * int(train.frame[i]), 15, 80, 80), 0.0, 48)
+        assert np.abs(stored - upright).mean() < 12
+        assert np.abs(stored - upright[::-1, ::-1]).mean() > 3 * np.abs(stored - upright).mean()
+
+
+def test_a_frame_that_fails_to_decode_is_skipped_counted_and_listed(tmp_path):
+    root = fake_casia(str(tmp_path / "rel"))
+    path = os.path.join(root, "train_release", "1", "1.avi")
+    write_video(path, "face", n_frames=8)
+    raw = bytearray(open(path, "rb").read())
+    movi, idx1 = raw.index(b"movi"), raw.rindex(b"idx1")
+    k = [i for i in range(movi, idx1) if raw[i:i + 4] == b"00dc"][3]   # frame 3's JPEG
+    n = int.from_bytes(raw[k + 4:k + 8], "little")
+    raw[k + 8:k + 8 + n] = bytes(n)
+    open(path, "wb").write(raw)
+    config = dict(SMALL, frames_per_video="8")
+    summary, sets = build_and_load("casia_fasd", root, tmp_path / "out", config)
+    frames = sorted(int(f) for v, f in zip(sets["train"].video, sets["train"].frame)
+                    if v.endswith("train_release/1/1"))
+    assert frames == [0, 1, 2, 4, 5, 6, 7]   # sampling went on after the bad frame
+    assert summary["notes"]["frames_undecodable_skipped"] == 1
+    report = builders.read_report(summary["path"])
+    assert report["listed"]["frames_undecodable_skipped"] == [f"{path} frame 3"]
+
+
+def test_replay_face_locations_outside_the_release_is_an_option_and_warned(tmp_path, capsys):
+    root = fake_replay(str(tmp_path / "rel"))
+    elsewhere = str(tmp_path / "unpacked" / "face-locations")
+    os.makedirs(os.path.dirname(elsewhere))
+    os.rename(os.path.join(root, "face-locations"), elsewhere)
+    with pytest.raises(BadItem, match="no face found"):  # red squares: no detector finds them
+        build.build("replay_attack", str(tmp_path / "out"), root, SMALL)
+    err = capsys.readouterr().err
+    assert f"warning: replay_attack: no face-locations folder at {root}/face-locations" in err
+    assert "--config face_locations=DIR" in err
+    summary, sets = build_and_load("replay_attack", root, tmp_path / "out2",
+                                   dict(SMALL, face_margin="0", face_locations=elsewhere))
+    assert "warning" not in capsys.readouterr().err
+    assert summary["examples"] == {"train": 6, "test": 6}
+    assert all(red_fraction(sets["train"].frames.decode_one(i)) > 0.9 for i in range(6))
+
+
+def test_mesh_depth_is_the_default_and_written_into_the_info(tmp_path):
+    root = fake_casia(str(tmp_path / "rel"))
+    config = {"frames_per_video": "2", "resolution": "64"}
+    summary, sets = build_and_load("casia_fasd", root, tmp_path / "out", config)
+    assert builders.read_report(summary["path"])["depth"] == "mesh"
+    assert json.load(open(os.path.join(summary["path"], "metadata.json"))) == {"depth": "mesh"}
+    train = sets["train"]
+    live = np.flatnonzero(train.labels == 1)
+    assert len(live) == 4 and train.depth.has_map[live].all()
+    assert not train.depth.has_map[train.labels == 0].any()
+    for i in live:
+        d = train.depth[np.array([i])][0]
+        iy, ix = np.unravel_index(d.argmax(), d.shape)
+        assert 64 / 3 <= ix <= 2 * 64 / 3 and 64 / 3 <= iy <= 2 * 64 / 3
+        assert d[-6:, :6].max() == 0 and d.max() > 0.95
+    prior = builders.builder("casia_fasd", str(tmp_path / "p"), dict(config, depth="prior"))
+    assert prior.info.metadata == {"depth": "prior"}
+    with pytest.raises(ValueError, match="depth: expected 'mesh', 'prior' or a folder"):
+        builders.builder("casia_fasd", str(tmp_path / "q"), dict(config, depth="prnet"))
+
 
 def test_missing_release_names_the_expected_layout(tmp_path):
     with pytest.raises(FileNotFoundError, match="Train_files"):
@@ -284,7 +377,8 @@ def add_bad_casia_videos(root):
 
 
 @pytest.mark.parametrize("bad, message", [
-    ("noise", r"HR_2.avi: no face found by the Haar cascade in any of the 2 sampled frames"),
+    ("noise", r"HR_2.avi: no face found by BlazeFace or the Haar cascade in any of the 2 "
+              r"sampled frames"),
     ("garbage", r"HR_3.avi: OpenCV cannot open this video"),
     ("unknown", r"9.avi: unknown CASIA-FASD video name '9'"),
 ])
@@ -299,8 +393,8 @@ def test_bad_videos_fail_naming_the_file(tmp_path, bad, message):
         write_video(os.path.join(folder, "9.avi"))
     with pytest.raises(BadItem, match=message):
         build.build("casia_fasd", str(tmp_path / "out"), root, SMALL)
-    assert not os.path.exists(tmp_path / "out" / "casia_fasd" / "frames_per_video-2__resolution-32"
-                              / "1.0.0")
+    assert not os.path.exists(tmp_path / "out" / "casia_fasd"
+                              / "depth-prior__frames_per_video-2__resolution-32" / "1.1.0")
 
 
 def test_skip_bad_skips_counts_and_reports(tmp_path):
@@ -326,7 +420,7 @@ def test_depth_dir_maps_are_matched_by_video_and_frame(tmp_path):
     os.makedirs(depth_dir / "train_release" / "1" / "1")
     cv2.imwrite(str(depth_dir / "train_release" / "1" / "1" / "0001.png"), ramp)
     # frame 3 has no map of its own: the nearest one (frame 1) is used, and noted
-    config = dict(SMALL, depth_dir=str(depth_dir))
+    config = dict(SMALL, depth=str(depth_dir))
     summary, sets = build_and_load("casia_fasd", root, tmp_path / "out", config)
     assert summary["notes"]["live_frames_depth_from_nearest_frame"] == 1
     assert summary["notes"]["live_frames_without_depth_map_used_prior"] == 6
@@ -382,7 +476,7 @@ def test_loader_take_concat_and_unbuilt_dataset(tmp_path):
 
 
 def both_dir(out):
-    return str(out / "casia_fasd" / "frames_per_video-2__resolution-32" / "1.0.0")
+    return str(out / "casia_fasd" / "depth-prior__frames_per_video-2__resolution-32" / "1.1.0")
 
 
 # -- configs and the CLI -------------------------------------------------------------------------
@@ -441,3 +535,16 @@ def test_synthetic_builder_round_trips_the_generator(tmp_path):
         np.testing.assert_allclose(got.depth[[k]][0], want["depth"][i], atol=0.5 / 255 + 1e-6)
     assert "tensorflow" not in sys.modules
 
+
+
+def test_without_the_face_model_depth_defaults_to_the_prior_and_mesh_is_refused(tmp_path,
+                                                                               monkeypatch):
+    from d2am_jax.data import facemesh
+    from d2am_jax.errors import MissingFileError, UserError
+    monkeypatch.setattr(facemesh, "model_available", lambda: False)
+    b = builders.builder("casia_fasd", str(tmp_path), {"frames_per_video": "2"})
+    assert b.builder_config.depth == "prior" and b.info.metadata == {"depth": "prior"}
+    with pytest.raises(UserError, match="'mesh' needs the Face Mesh model"):
+        builders.builder("msu_mfsd", str(tmp_path), {"depth": "mesh", "frames_per_video": "2"})
+    with pytest.raises(MissingFileError, match="face_locations: .*nope is not a folder"):
+        builders.builder("replay_attack", str(tmp_path), {"face_locations": str(tmp_path / "nope")})

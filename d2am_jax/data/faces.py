@@ -6,6 +6,7 @@ Host-only (numpy, OpenCV, PIL). Boxes are (x, y, w, h) in pixels of the frame th
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import threading
@@ -116,47 +117,98 @@ def sample_indices(total: int, n: int) -> np.ndarray:
     return ((np.arange(n) + 0.5) * total / n).astype(np.int64)
 
 
+# Decoders recover after a corrupt frame (grab() fails once, the next frame decodes): a run of
+# failures this long is taken for the end of the file rather than a bad patch.
+MAX_BAD_RUN = 16
+
+
+@dataclasses.dataclass
+class VideoFrames:
+    """Sampled frames of one video, (frame index, RGB uint8) in order, and the indices of frames
+    that failed to decode on the way (skipped, for the caller to count and list)."""
+
+    frames: list[tuple[int, np.ndarray]]
+    bad: list[int]
+
+
 def _count_frames(path: str) -> int:
+    """The number of frames, by decoding: one past the last frame that decodes."""
     cap = cv2.VideoCapture(path)
-    count = 0
-    while cap.grab():
-        count += 1
+    i, run, count = 0, 0, 0
+    while run <= MAX_BAD_RUN:
+        if cap.grab():
+            run, count = 0, i + 1
+        else:
+            run += 1
+        i += 1
     cap.release()
     return count
 
 
-def read_video_frames(path: str, n: int) -> list[tuple[int, np.ndarray]]:
-    """n evenly spaced frames of a video as (frame index, RGB uint8), in order.
+def frame_indices(total: int, n: int | None = None, every: int | None = None) -> np.ndarray:
+    """The frames to sample: n evenly spaced (sample_indices) or every `every`-th from 0."""
+    if every is not None:
+        if every < 1:
+            raise ValueError(f"frame sampling: every must be ≥ 1, got {every}")
+        return np.arange(0, max(total, 0), every, dtype=np.int64)
+    if n is None or n < 1:
+        raise ValueError(f"frame sampling: n must be ≥ 1, got {n}")
+    return sample_indices(total, n)
 
-    Trusts the container's frame count, and counts by decoding when the count is missing or the
-    video ends early (common for .mov). Raises BadItem for a video OpenCV cannot read.
-    """
+
+def sample_video(path: str, n: int | None = None, every: int | None = None) -> VideoFrames:
+    """Frames of a video, n evenly spaced or every `every`-th, with the undecodable ones skipped
+    and listed. Trusts the container's frame count, and counts by decoding when it is missing or
+    the video ends early (common for .mov). Raises BadItem for a video OpenCV cannot read."""
     cap = cv2.VideoCapture(path)
     if not cap.isOpened():
         raise BadItem(f"{path}: OpenCV cannot open this video")
     total = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
     cap.release()
-    frames = _read_at(path, sample_indices(total, n)) if total > 0 else []
-    if len(frames) < min(n, max(total, 1)):
+    if total <= 0:
         total = _count_frames(path)
-        frames = _read_at(path, sample_indices(total, n))
+    frames, bad, end = _read_at(path, frame_indices(total, n, every), total)
+    if end is not None and end < total:
+        frames, bad, _ = _read_at(path, frame_indices(end, n, every), end)
     if not frames:
-        raise BadItem(f"{path}: no frame could be decoded")
-    return frames
+        raise BadItem(f"{path}: no frame could be decoded"
+                      + (f" ({len(bad)} frame(s) failed: {bad[:8]})" if bad else ""))
+    return VideoFrames(frames, bad)
 
 
-def _read_at(path: str, wanted: np.ndarray) -> list[tuple[int, np.ndarray]]:
+def read_video_frames(path: str, n: int) -> list[tuple[int, np.ndarray]]:
+    """n evenly spaced frames of a video as (frame index, RGB uint8), in order (sample_video
+    without the list of undecodable frames)."""
+    return sample_video(path, n).frames
+
+
+def _read_at(path: str, wanted: np.ndarray, total: int):
+    """(frames at `wanted`, undecodable frame indices, index where decoding ended for good or
+    None). A failed frame is skipped and decoding goes on; a run of MAX_BAD_RUN failures, or any
+    failure at or past `total`, is the end of the video."""
     cap = cv2.VideoCapture(path)
-    out, want, i = [], set(int(k) for k in wanted), 0
-    last = max(want) if want else -1
-    while i <= last and cap.grab():
-        if i in want:
-            ok, bgr = cap.retrieve()
-            if ok and bgr is not None:
-                out.append((i, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)))
+    out, bad, want = [], [], set(int(k) for k in wanted)
+    last, i, run, end = (max(want) if want else -1), 0, 0, None
+    while i <= last:
+        if cap.grab():
+            run = 0
+            if i in want:
+                ok, bgr = cap.retrieve()
+                if ok and bgr is not None:
+                    out.append((i, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)))
+                else:
+                    bad.append(i)
+        else:
+            run += 1
+            if i >= total or run > MAX_BAD_RUN:
+                end = i - run + 1
+                break
+            bad.append(i)
         i += 1
     cap.release()
-    return out
+    if end is not None:
+        bad = [b for b in bad if b < end]
+    return out, bad, end
 
 
 def nearest_boxes(boxes: list) -> list:

@@ -1,5 +1,6 @@
 """CASIA-FASD (Zhang et al., ICB 2012) from its original release: train_release/ and
-test_release/<subject>/<video>.avi; faces found with OpenCV's Haar cascade (no annotations).
+test_release/<subject>/<video>.avi; faces found with BlazeFace (the Haar cascade where it
+misses; the release has no annotations).
 
 Videos 1, 2 and HR_1 are live; 3, 4, HR_2 warped photo; 5, 6, HR_3 cut photo; 7, 8, HR_4 replay.
 """
@@ -22,7 +23,7 @@ KINDS = {"1": "", "2": "", "HR_1": "",
 
 @dataclasses.dataclass(eq=False)
 class CasiaFasdConfig(VideoConfig):
-    """CASIA-FASD has no face annotations: 'auto' means the Haar cascade."""
+    """CASIA-FASD has no face annotations: 'auto' means the detector (BlazeFace, then Haar)."""
 
 
 class CasiaFasd(VideoBuilder):

@@ -21,12 +21,39 @@ import tensorflow_datasets as tfds
 from etils import epath
 import tqdm
 
+from d2am_jax.data import facemesh
 from d2am_jax.data.faces import BadItem
+from d2am_jax.errors import UserError
 
 log = logging.getLogger(__name__)
 
 REPORT_FILE = "build_report.json"
 LIVE, SPOOF = 1, 0
+DEPTH_CHOICES = ("mesh", "prior")
+
+
+def default_depth() -> str:
+    """'mesh' where the Face Mesh model is installed, else 'prior'."""
+    return "mesh" if facemesh.model_available() else "prior"
+
+
+def check_depth(owner: str, depth: str) -> None:
+    """A config's `depth` must be 'mesh' (with the model installed), 'prior' or a folder."""
+    if depth == "mesh" and not facemesh.model_available():
+        raise UserError(f"{owner}.depth: 'mesh' needs the Face Mesh model "
+                         f"({facemesh.MESH_PATH}) and OpenCV ≥ 4.8; use depth=prior or a folder")
+    if depth not in DEPTH_CHOICES and not os.path.isdir(depth):
+        raise UserError(f"{owner}.depth: expected 'mesh', 'prior' or a folder of depth maps, "
+                         f"got {depth!r} (not a folder)")
+
+
+def depth_source(config) -> str:
+    """What a config's live depth maps are, for the dataset's info: mesh, prior, the absolute
+    path of the user's maps, or 'builder' for a builder that makes its own (fas_synthetic)."""
+    depth = getattr(config, "depth", None)
+    if depth is None:
+        return "builder"
+    return depth if depth in DEPTH_CHOICES else os.path.abspath(depth)
 
 
 def features() -> tfds.features.FeaturesDict:
@@ -137,18 +164,23 @@ class BuildReport:
     def __init__(self):
         self.skipped: list[dict[str, str]] = []
         self.notes: dict[str, int] = {}
+        self.listed: dict[str, list[str]] = {}
         self.examples: dict[str, int] = {}
 
     def skip(self, item: str, reason: str) -> None:
         self.skipped.append({"item": item, "reason": reason})
         log.warning("skipped: %s", reason)
 
-    def note(self, what: str, count: int = 1) -> None:
+    def note(self, what: str, count: int = 1, item: str | None = None) -> None:
+        """Count `what`; with `item` (file and frame), also list it under `what`."""
         self.notes[what] = self.notes.get(what, 0) + count
+        if item is not None:
+            self.listed.setdefault(what, []).append(item)
+            log.warning("%s: %s", what, item)
 
     def as_dict(self, **extra) -> dict:
         return {"num_skipped": len(self.skipped), "skipped": self.skipped, "notes": self.notes,
-                "examples": self.examples, **extra}
+                "listed": self.listed, "examples": self.examples, **extra}
 
 
 class FasBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -178,8 +210,9 @@ class FasBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         return epath.Path(inspect.getfile(cls))
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(builder=self, description=self.DESCRIPTION,
-                                     features=features(), homepage=None)
+        return tfds.core.DatasetInfo(
+            builder=self, description=self.DESCRIPTION, features=features(), homepage=None,
+            metadata=tfds.core.MetadataDict(depth=depth_source(self.builder_config)))
 
     def _download_and_prepare(self, dl_manager, download_config) -> None:
         self.report = BuildReport()
@@ -188,7 +221,9 @@ class FasBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         path = os.path.join(self.data_dir, REPORT_FILE)
         with open(path, "w") as f:
             json.dump(self.report.as_dict(builder=self.name, config=self.builder_config.name,
-                                          skip_bad=self.skip_bad, **self._report_extra()),
+                                          skip_bad=self.skip_bad,
+                                          depth=depth_source(self.builder_config),
+                                          **self._report_extra()),
                       f, indent=1)
         if self.report.skipped:
             log.warning("%s: skipped %d bad item(s); list in %s", self.name,
@@ -231,7 +266,11 @@ class FasBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                         continue
                     examples, notes = result
                     for note in notes:
-                        self.report.note(note)
+                        # a (what, item) pair is counted and listed; a plain string counted
+                        if isinstance(note, tuple):
+                            self.report.note(note[0], item=note[1])
+                        else:
+                            self.report.note(note)
                     yield from examples
         bar.close()
 

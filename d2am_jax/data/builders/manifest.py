@@ -19,8 +19,16 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from d2am_jax.data import faces
-from d2am_jax.data.builders.common import LIVE, REPORT_FILE, SPOOF, FasBuilder, FasConfig
+from d2am_jax.data import facemesh, faces
+from d2am_jax.data.builders.common import (
+    LIVE,
+    REPORT_FILE,
+    SPOOF,
+    FasBuilder,
+    FasConfig,
+    check_depth,
+    default_depth,
+)
 from d2am_jax.data.faces import BadItem
 from d2am_jax.errors import UserError
 
@@ -38,6 +46,9 @@ class FasManifestConfig(FasConfig):
     resolution: side of the stored square frames (non-square frames are resized, not cropped).
     face_crop: 'none' (frames are face crops) or 'haar' (crop the largest face, with face_margin).
     default_domain: the domain of rows without one.
+    depth: depth maps of live rows without a depth column entry: 'mesh' (Face Mesh on the stored
+      frame; the default where the model is installed), 'prior', or a folder holding a map at each
+      image's manifest-relative path (any image extension).
     """
 
     manifest: str = ""
@@ -47,6 +58,7 @@ class FasManifestConfig(FasConfig):
     image_format: str = "jpeg"
     jpeg_quality: int = 95
     default_domain: str = "manifest"
+    depth: str = dataclasses.field(default_factory=default_depth)
 
     def validate(self) -> None:
         self.check_positive("resolution", "jpeg_quality")
@@ -54,6 +66,7 @@ class FasManifestConfig(FasConfig):
         self.check_choice("image_format", ("jpeg", "png"))
         if not self.default_domain:
             raise ValueError("FasManifestConfig.default_domain: expected a non-empty name")
+        check_depth("FasManifestConfig", self.depth)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +83,9 @@ class FasManifest(FasBuilder):
     """A user's frames from manifest.csv."""
 
     DESCRIPTION = "User frames listed in a manifest.csv (path,label[,video][,domain][,depth])."
+    VERSION = tfds.core.Version("1.1.0")  # 1.1.0: the depth option, mesh by default
+    RELEASE_NOTES = {"1.0.0": "First release.",
+                     "1.1.0": "depth=mesh by default for live rows without a depth map."}
     BUILDER_CONFIGS = [FasManifestConfig(name="default")]
     MANUAL_DOWNLOAD_INSTRUCTIONS = """\
 Put manifest.csv in manual_dir (or pass --config manifest=PATH). Header and columns:
@@ -243,10 +259,33 @@ frame, relative to the manifest (default: the face-shaped prior).
             depth = faces.encode_image(read_depth(row.depth, where, cfg.resolution), "png")
         elif row.depth:
             notes.append("spoof_rows_depth_ignored_target_is_zero")
+        elif row.label == LIVE:
+            depth = self._depth_option_bytes(row, rgb, where, notes)
         example = {"image": faces.encode_image(rgb, cfg.image_format, cfg.jpeg_quality),
                    "label": row.label, "depth": depth, "video": row.video, "domain": row.domain,
                    "frame": 0, "attack": ""}
         return [(str(row.line), example)], notes
+
+    def _depth_option_bytes(self, row: Row, rgb: np.ndarray, where: str, notes: list) -> bytes:
+        """A live row's depth map from the `depth` option (b'' → the prior; failures counted)."""
+        depth = self.builder_config.depth
+        if depth == "prior":
+            return b""
+        if depth == "mesh":
+            try:
+                return faces.encode_depth(facemesh.crop_depth(rgb))
+            except facemesh.MeshError as e:
+                notes.append(("live_rows_mesh_failed_used_prior", f"{where}: {row.path}: {e}"))
+                return b""
+        stem = os.path.splitext(os.path.relpath(row.path, os.path.dirname(self._manifest)))[0]
+        found = [stem + ext for ext in (".png", ".jpg", ".jpeg", ".bmp")
+                 if os.path.isfile(os.path.join(depth, stem + ext))]
+        if not found:
+            notes.append("live_rows_without_depth_map_used_prior")
+            return b""
+        path = os.path.join(depth, found[0])
+        return faces.encode_image(faces.read_depth_image(path, self.builder_config.resolution),
+                                  "png")
 
     def _map_items(self, items, fn, label, desc):
         # frame = position of the row within its video, in manifest order

@@ -22,7 +22,7 @@ CLIENT = re.compile(r"client(\d+)")
 
 @dataclasses.dataclass(eq=False)
 class MsuMfsdConfig(VideoConfig):
-    """'auto' face crop uses the release's .face boxes (Haar where a video has none)."""
+    """'auto' face crop uses the release's .face boxes (the detector where a video has none)."""
 
 
 class MsuMfsd(VideoBuilder):
@@ -40,7 +40,7 @@ manual_dir (or one folder inside it) holds:
   train_sub_list.txt, test_sub_list.txt   (one subject number per line, e.g. 02)
 Face boxes: each video's .face file next to it (scene01/real/<name>.face), or under
 face-locations/scene01/real/<name>.face or face-locations/real/<name>.face; lines
-`frame,x1,y1,x2,y2`. Videos without one use the Haar cascade (counted in build_report.json).
+`frame,x1,y1,x2,y2`. Videos without one use the face detector (counted in build_report.json).
 """
 
     def discover(self, root: str) -> list[VideoItem]:

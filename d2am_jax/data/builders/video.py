@@ -1,5 +1,6 @@
 """The video pipeline shared by the OULU-NPU, CASIA-FASD, Replay-Attack and MSU-MFSD builders:
-sample frames, find the face (release annotations or Haar), crop, resize, attach depth, encode.
+sample frames, find the face (release annotations, BlazeFace or Haar), crop, resize, attach depth
+(Face Mesh, prior or the user's maps), encode.
 
 A dataset module only says where its videos are, what their labels and splits are, and how to
 read its annotation files.
@@ -14,13 +15,14 @@ import re
 from typing import Iterator
 
 import numpy as np
+import tensorflow_datasets as tfds
 
-from d2am_jax.data import faces
-from d2am_jax.data.builders.common import LIVE, FasBuilder, FasConfig
+from d2am_jax.data import facemesh, faces
+from d2am_jax.data.builders.common import LIVE, FasBuilder, FasConfig, check_depth, default_depth
 from d2am_jax.data.faces import BadItem
 
 SPLITS = ("train", "test")
-FACE_CROP = ("auto", "annotations", "haar", "none")
+FACE_CROP = ("auto", "annotations", "detector", "haar", "none")
 
 
 @dataclasses.dataclass(eq=False)
@@ -29,12 +31,14 @@ class VideoConfig(FasConfig):
 
     frames_per_video: evenly spaced frames taken from each video.
     resolution: side of the square face crop stored (the paper uses 256).
-    face_crop: 'auto' (the release's annotations where it has them, else Haar), 'annotations',
-      'haar', or 'none' (frames are already face crops; just resize).
+    face_crop: 'auto' (the release's annotations where it has them, else the detector),
+      'annotations', 'detector' (BlazeFace, Haar for the frames it misses), 'haar', or 'none'
+      (frames are already face crops; just resize).
     face_margin: the square crop's side is the face box's longer side × (1 + face_margin).
     image_format / jpeg_quality: encoding of the stored frames.
-    depth_dir: folder of precomputed depth maps (e.g. PRNet) as <depth_dir>/<video id>/<frame>.png;
-      empty: none (the loader uses the face-shaped prior for live frames).
+    depth: live frames' depth maps: 'mesh' (from the Face Mesh on each crop; the default where
+      the model is installed), 'prior' (none stored: the loader's face-shaped prior), or a folder
+      of precomputed maps (e.g. PRNet) as <depth>/<video id>/<frame>.png.
     """
 
     frames_per_video: int = 8
@@ -43,7 +47,7 @@ class VideoConfig(FasConfig):
     face_margin: float = 0.25
     image_format: str = "jpeg"
     jpeg_quality: int = 95
-    depth_dir: str = ""
+    depth: str = dataclasses.field(default_factory=default_depth)
 
     def validate(self) -> None:
         self.check_positive("frames_per_video", "resolution", "jpeg_quality")
@@ -52,8 +56,7 @@ class VideoConfig(FasConfig):
         if self.face_margin < 0:
             raise ValueError(f"{type(self).__name__}.face_margin: expected ≥ 0, "
                              f"got {self.face_margin}")
-        if self.depth_dir and not os.path.isdir(self.depth_dir):
-            raise ValueError(f"{type(self).__name__}.depth_dir: {self.depth_dir} is not a folder")
+        check_depth(type(self).__name__, self.depth)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,6 +122,13 @@ class VideoBuilder(FasBuilder, skip_registration=True):
     """Base of the four video builders. Subclasses define MARKERS, `discover` and, where the
     release has face annotations, `annotation_boxes`."""
 
+    # 1.1.0 changed what the same config builds (mesh depth by default, BlazeFace crops, turned
+    # videos, skipped bad frames): a new version, so a 1.0.0 build is never reused as if it were.
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.0.0": "First release.",
+                     "1.1.0": "depth=mesh by default (Face Mesh depth maps of live frames); "
+                              "BlazeFace with Haar fallback; upside-down videos turned on every "
+                              "crop path; undecodable frames skipped and listed."}
     MARKERS: tuple[str, ...] = ()          # entries that identify the release's root folder
     HAS_ANNOTATIONS = False
 
@@ -160,12 +170,14 @@ class VideoBuilder(FasBuilder, skip_registration=True):
     def video_examples(self, item: VideoItem) -> tuple[list, list[str]]:
         """The (key, example) pairs of one video, and notes for the build report."""
         cfg = self.builder_config
-        frames = faces.read_video_frames(item.path, cfg.frames_per_video)
-        notes: list[str] = []
+        sampled = faces.sample_video(item.path, cfg.frames_per_video)
+        frames = sampled.frames
+        notes: list = [("frames_undecodable_skipped", f"{item.path} frame {i}")
+                       for i in sampled.bad]
         crops = self._crops(item, frames, notes)
         out = []
         for (index, _), crop in zip(frames, crops):
-            depth = self._depth_bytes(item, index, notes) if item.label == LIVE else b""
+            depth = (self._depth_bytes(item, index, crop, notes) if item.label == LIVE else b"")
             out.append((f"{item.video_id}/{index}", {
                 "image": faces.encode_image(crop, cfg.image_format, cfg.jpeg_quality),
                 "label": item.label, "depth": depth, "video": item.video_id,
@@ -176,13 +188,36 @@ class VideoBuilder(FasBuilder, skip_registration=True):
         cfg = self.builder_config
         if cfg.face_crop == "none":
             return [faces.resize_square(rgb, cfg.resolution) for _, rgb in frames]
+        detector = "haar" if cfg.face_crop == "haar" else "auto"
+        # Some phone videos (six of MSU-MFSD's) are stored upside down: found out once per video,
+        # whichever boxes crop it, so annotated and detected crops are both turned.
+        turned = self._upside_down(frames, detector)
+        if turned:
+            notes.append("videos_rotated_180_to_find_the_face")
         boxes = None
         if cfg.face_crop == "annotations" or (cfg.face_crop == "auto" and self.HAS_ANNOTATIONS):
             boxes = self._annotated_boxes(item, frames, notes)
+            if boxes is not None and turned:
+                boxes = [rotated_box(b, rgb.shape) for (_, rgb), b in zip(frames, boxes)]
+        if turned:
+            frames = [(i, np.ascontiguousarray(rgb[::-1, ::-1])) for i, rgb in frames]
         if boxes is None:
-            frames, boxes = self._haar_boxes(item, frames, notes)
+            boxes = self._detected_boxes(item, frames, detector, notes)
         return [faces.crop_face(rgb, box, cfg.face_margin, cfg.resolution)
                 for (_, rgb), box in zip(frames, boxes)]
+
+    @staticmethod
+    def _upside_down(frames, detector: str) -> bool:
+        """Whether a video is stored turned by 180°: BlazeFace's scores upright and turned on up
+        to three sampled frames (majority), or, for Haar, no face upright but one turned."""
+        if detector != "haar" and facemesh.model_available():
+            vote = facemesh.video_upside_down([rgb for _, rgb in frames])
+            if vote is not None:
+                return vote
+        if any(facemesh.find_face_box(rgb, detector)[0] is not None for _, rgb in frames):
+            return False
+        return any(facemesh.find_face_box(np.ascontiguousarray(rgb[::-1, ::-1]), detector)[0]
+                   is not None for _, rgb in frames)
 
     def _annotated_boxes(self, item: VideoItem, frames, notes: list[str]):
         """Boxes from the release's annotations; None (→ Haar) in 'auto' mode when unusable."""
@@ -201,7 +236,7 @@ class VideoBuilder(FasBuilder, skip_registration=True):
         except BadItem:
             if strict:
                 raise
-            notes.append("videos_annotation_unusable_used_haar")
+            notes.append("videos_annotation_unusable_used_detector")
             return None
         keys = np.array(sorted(table))
         boxes = []
@@ -212,30 +247,36 @@ class VideoBuilder(FasBuilder, skip_registration=True):
             boxes.append(table[nearest])
         return boxes
 
-    def _haar_boxes(self, item: VideoItem, frames, notes: list[str]):
-        """(frames, boxes) from the Haar cascade; a video found only upside down is turned
-        (some phone videos, e.g. six of MSU-MFSD's, are stored rotated by 180°)."""
-        boxes = [faces.detect_face(rgb) for _, rgb in frames]
+    def _detected_boxes(self, item: VideoItem, frames, detector: str, notes: list):
+        """A box per frame from the detector ('auto': BlazeFace, Haar where it misses); a frame
+        without a detection takes the nearest frame's box (counted)."""
+        found = [facemesh.find_face_box(rgb, detector) for _, rgb in frames]
+        boxes = [b for b, _ in found]
         if all(b is None for b in boxes):
-            turned = [(i, np.ascontiguousarray(rgb[::-1, ::-1])) for i, rgb in frames]
-            turned_boxes = [faces.detect_face(rgb) for _, rgb in turned]
-            if any(b is not None for b in turned_boxes):
-                notes.append("videos_rotated_180_to_find_the_face")
-                frames, boxes = turned, turned_boxes
-        if all(b is None for b in boxes):
-            raise BadItem(f"{item.path}: no face found by the Haar cascade in any of the "
-                          f"{len(frames)} sampled frames")
+            name = "the Haar cascade" if detector == "haar" else "BlazeFace or the Haar cascade"
+            raise BadItem(f"{item.path}: no face found by {name} in any of the "
+                          f"{len(frames)} sampled frames (upright or turned by 180°)")
+        notes.extend(f"frames_box_from_{which}" for _, which in found if which)
         missing = sum(b is None for b in boxes)
         if missing:
             notes.extend(["frames_box_from_nearest_detected_frame"] * missing)
-        return frames, faces.nearest_boxes(boxes)
+        return faces.nearest_boxes(boxes)
 
-    def _depth_bytes(self, item: VideoItem, index: int, notes: list[str]) -> bytes:
-        """The encoded depth map of a live frame from depth_dir, or b'' (→ the prior)."""
+    def _depth_bytes(self, item: VideoItem, index: int, crop: np.ndarray, notes: list) -> bytes:
+        """The encoded depth map of a live frame: from the mesh on its crop, from the depth
+        folder, or b'' (→ the prior). A mesh that fails, or a missing map, falls back to the
+        prior and is counted (a mesh failure also listed with its file and frame)."""
         cfg = self.builder_config
-        if not cfg.depth_dir:
+        if cfg.depth == "prior":
             return b""
-        found = depth_map_path(cfg.depth_dir, item.video_id, index)
+        if cfg.depth == "mesh":
+            try:
+                return faces.encode_depth(facemesh.crop_depth(crop))
+            except facemesh.MeshError as e:
+                notes.append(("live_frames_mesh_failed_used_prior",
+                              f"{item.path} frame {index}: {e}"))
+                return b""
+        found = depth_map_path(cfg.depth, item.video_id, index)
         if found is None:
             notes.append("live_frames_without_depth_map_used_prior")
             return b""
@@ -243,6 +284,13 @@ class VideoBuilder(FasBuilder, skip_registration=True):
         if map_frame != index:
             notes.append("live_frames_depth_from_nearest_frame")
         return faces.encode_image(faces.read_depth_image(path, cfg.resolution), "png")
+
+
+def rotated_box(box, shape) -> tuple[int, int, int, int]:
+    """The box (x, y, w, h) of a frame of `shape` after the frame is turned by 180°."""
+    x, y, w, h = box
+    fh, fw = shape[:2]
+    return (fw - x - w, fh - y - h, w, h)
 
 
 DEPTH_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")

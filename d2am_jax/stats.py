@@ -107,8 +107,8 @@ def compute_bank(stats_fn: Callable[..., DrlmStats], params_E, batch_stats_E, fr
 
 
 def padded_batches(source, batch_size: int, resolution: int) -> Iterator[tuple[np.ndarray, int]]:
-    """(x [batch_size, r, r, C], number of real rows) in order (uint8 RGB from a frame store, float32
-    RGB+HSV from model-input batches); padded rows are zeros.
+    """(x [batch_size, r, r, C], number of real rows) in order (uint8 RGB from a frame store,
+    float32 RGB+HSV from model-input batches); padded rows are zeros.
 
     Rows of an input iterable are regrouped into full batches, so only the very last is padded.
     """

@@ -9,8 +9,13 @@ from __future__ import annotations
 from typing import Any
 
 from d2am_jax.data.builders.casia_fasd import CasiaFasd
-from d2am_jax.data.builders.common import (REPORT_FILE, FasBuilder, make_config, parse_overrides,
-                                           read_report)
+from d2am_jax.data.builders.common import (
+    REPORT_FILE,
+    FasBuilder,
+    make_config,
+    parse_overrides,
+    read_report,
+)
 from d2am_jax.data.builders.manifest import FasManifest
 from d2am_jax.data.builders.msu_mfsd import MsuMfsd
 from d2am_jax.data.builders.oulu_npu import OuluNpu

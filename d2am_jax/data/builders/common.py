@@ -14,12 +14,13 @@ import json
 import logging
 import os
 import re
-from typing import Any, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
-from etils import epath
 import tqdm
+from etils import epath
 
 from d2am_jax.data import facemesh
 from d2am_jax.data.faces import BadItem

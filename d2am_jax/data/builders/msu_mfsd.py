@@ -11,8 +11,14 @@ import os
 import re
 
 from d2am_jax.data.builders.common import LIVE, SPOOF
-from d2am_jax.data.builders.video import (VideoBuilder, VideoConfig, VideoItem, files_under,
-                                          read_annotation_rows, video_id)
+from d2am_jax.data.builders.video import (
+    VideoBuilder,
+    VideoConfig,
+    VideoItem,
+    files_under,
+    read_annotation_rows,
+    video_id,
+)
 from d2am_jax.data.faces import BadItem
 
 SUB_LISTS = {"train": "train_sub_list.txt", "test": "test_sub_list.txt"}

@@ -10,8 +10,14 @@ import dataclasses
 import os
 
 from d2am_jax.data.builders.common import LIVE, SPOOF
-from d2am_jax.data.builders.video import (VideoBuilder, VideoConfig, VideoItem, files_under,
-                                          read_annotation_rows, video_id)
+from d2am_jax.data.builders.video import (
+    VideoBuilder,
+    VideoConfig,
+    VideoItem,
+    files_under,
+    read_annotation_rows,
+    video_id,
+)
 from d2am_jax.data.faces import BadItem, box_from_eyes
 
 SPLIT_FOLDERS = {"Train_files": "train", "Test_files": "test"}

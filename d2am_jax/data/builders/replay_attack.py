@@ -12,8 +12,14 @@ import os
 import sys
 
 from d2am_jax.data.builders.common import LIVE, SPOOF
-from d2am_jax.data.builders.video import (VideoBuilder, VideoConfig, VideoItem, files_under,
-                                          read_annotation_rows, video_id)
+from d2am_jax.data.builders.video import (
+    VideoBuilder,
+    VideoConfig,
+    VideoItem,
+    files_under,
+    read_annotation_rows,
+    video_id,
+)
 from d2am_jax.data.faces import BadItem
 from d2am_jax.errors import MissingFileError
 

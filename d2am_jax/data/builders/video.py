@@ -12,7 +12,7 @@ import dataclasses
 import glob
 import os
 import re
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -98,7 +98,8 @@ def read_annotation_rows(path: str, ncols: int = 5) -> np.ndarray:
             try:
                 values = [float(p) for p in parts[:ncols]]
             except ValueError:
-                raise BadItem(f"{path}:{lineno}: expected {ncols} numbers, got {line.strip()!r}")
+                raise BadItem(f"{path}:{lineno}: expected {ncols} numbers, "
+                              f"got {line.strip()!r}") from None
             if len(values) < ncols:
                 raise BadItem(f"{path}:{lineno}: expected {ncols} numbers, got {line.strip()!r}")
             rows.append(values)
@@ -154,12 +155,14 @@ class VideoBuilder(FasBuilder, skip_registration=True):
             f"{self.MANUAL_DOWNLOAD_INSTRUCTIONS}")
 
     def discover(self, root: str) -> list[VideoItem]:
-        """Every video of the release under root, with split and label (each dataset's own layout)."""
+        """Every video of the release under root, with split and label (each dataset's own
+        layout)."""
         raise NotImplementedError(f"{type(self).__name__} must implement discover(): abstract hook")
 
     def annotation_boxes(self, item: VideoItem) -> dict[int, tuple]:
         """{frame index: (x, y, w, h)} from the release's annotation file (raise BadItem)."""
-        raise NotImplementedError(f"{type(self).__name__} must implement annotation_boxes(): abstract hook")
+        raise NotImplementedError(
+            f"{type(self).__name__} must implement annotation_boxes(): abstract hook")
 
     # -- per video ------------------------------------------------------------------------------
 

@@ -262,8 +262,9 @@ class MetaBatchSampler:
 
     def meta_batch(self, pseudo_domain, epoch: int, step: int) -> dict[str, np.ndarray]:
         """{'x': uint8 RGB [K, B, H, W, 3], 'y': float32 [K, B], 'depth': uint8 [K, B, d, d]
-        (k/255), 'domains': int32 [K]}; rows 0..K−2 are meta-train, row K−1 meta-test. What crosses to the
-        device stays uint8: scaling and RGB→HSV run inside the step (`models.model_input`)."""
+        (k/255), 'domains': int32 [K]}; rows 0..K−2 are meta-train, row K−1 meta-test. What
+        crosses to the device stays uint8: scaling and RGB→HSV run inside the step
+        (`models.model_input`)."""
         idx, order = self.meta_indices(pseudo_domain, epoch, step)
         batch = self._examples(idx.reshape(-1))
         k, b = idx.shape

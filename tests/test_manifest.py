@@ -172,3 +172,18 @@ def test_haar_face_crop_option(tmp_path):
     write_manifest(str(folder), ["face.png,live,,,", "noise.png,spoof,,,"])
     with pytest.raises(BadItem, match=r"manifest.csv:3: no face found by the Haar cascade"):
         build.build("fas_manifest", str(tmp_path / "out2"), str(folder), config)
+
+
+def test_a_record_that_fails_to_decode_in_a_worker_names_dataset_and_record(frames, tmp_path):
+    from d2am_jax.data.pipeline import Prefetcher
+    from d2am_jax.data.sampler import CachedFrames
+
+    write_manifest(str(frames), GOOD_ROWS)
+    build.build("fas_manifest", str(tmp_path / "out"), str(frames), PNG)
+    got = loader.load("fas_manifest", "frames", str(tmp_path / "out"), PNG)
+    got.frames.records.blobs["image"][3] = b"\x89PNG broken"     # a record damaged on disk
+    store = CachedFrames(len(got), got.frames.decode_one, 1 << 20, workers=2)
+    batches = Prefetcher(lambda idx: store[np.array(idx)], [[0, 1], [2, 3], [4]], depth=2)
+    assert next(batches).shape == (2, 16, 16, 3)
+    with pytest.raises(ValueError, match=r"fas_manifest/frames record 3 \(video .*\).*cannot be"):
+        next(batches)           # raised before the step that would have used that batch

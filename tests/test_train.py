@@ -286,6 +286,11 @@ def test_manifest_workflow_trains_on_named_domains(tmp_path):
     config.data.source_val_fraction = 0.2
     config.data.manifest = str(tmp_path / "manifest.csv")
     config.data.source, config.data.target = "site0,site1,site2", "site3"
+    # Larger than memory, as far as the run knows: records streamed from ArrayRecord, a frame
+    # cache holding 10 of the 72 source frames, two decoding threads.
+    config.data.encoded_in_memory = False
+    config.data.cache_bytes = 10 * 16 * 16 * 3
+    config.data.workers = 2
     summary = train.train_and_evaluate(config, str(tmp_path / "run"))
     assert [r["epoch"] for r in summary["results"]] == [1]
     assert summary["results"][0]["unit"] == "video"

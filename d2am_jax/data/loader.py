@@ -229,7 +229,9 @@ def from_builder(builder, split: str, *, depth_size: int | None = None,
     records = Records([source], np.zeros(n, np.int32), np.arange(n), blobs)
     first = decode_png_or_jpeg(records.bytes_of(0, "image"), f"{builder.name}/{split}[0]")
     video = np.asarray([f"{builder.name}:{v}" for v in meta["video"]])
-    names = np.asarray([f"{v}#{f}" for v, f in zip(video, meta["frame"])])
+    # Errors about a frame name its dataset, split, record index, video and frame.
+    names = np.asarray([f"{builder.name}/{split} record {k} (video {v}, frame {f})"
+                        for k, (v, f) in enumerate(zip(video, meta["frame"]))])
     report = builders.read_report(builder.data_dir) or {}
     if report.get("num_skipped"):
         log.warning("%s: its build skipped %d bad item(s); see %s", builder.name,

@@ -80,7 +80,7 @@ def make_loss(config) -> Callable:
     return runtime.with_project_random(loss)
 
 
-def make_erm_step(config) -> Callable:
+def make_erm_step(config, placement=None) -> Callable:
     """`erm_step(state, batch) -> (state, metrics)`: jitted once, state donated; the same
     TrainState and outer optimizer (Adam(β)) as the meta-step."""
     loss = make_loss(config)
@@ -96,7 +96,7 @@ def make_erm_step(config) -> Callable:
         return state.replace(step=state.step + 1, params=params, batch_stats=new_stats,
                              opt_state=opt_state), metrics
 
-    jitted = state_lib.jit_step(step, donate_state=True, training=True)
+    jitted = state_lib.jit_step(step, donate_state=True, training=True, placement=placement)
 
     def erm_step(state: state_lib.TrainState, batch):
         batch = flat_batch(batch)

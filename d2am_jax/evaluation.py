@@ -16,19 +16,22 @@ RESULT_KEYS = ("epoch", "step", "hter", "auc", "eer", "tpr_at_fpr_1pct", "acer",
 _EXTRA_KEYS = ("val_eer", "val_auc", "unit", "num_live", "num_spoof", "apcer", "bpcer")
 
 
-def scores(predict, state, data: FasData, batch_size: int, resolution: int) -> np.ndarray:
-    """Live probabilities of every frame of `data`, in fixed-size padded batches (one compile)."""
+def scores(predict, state, data: FasData, batch_size: int, resolution: int,
+           placement=None) -> np.ndarray:
+    """Live probabilities of every frame of `data`, in fixed-size padded batches (one compile);
+    over a sharded `placement` each process reads its rows and gets every score back."""
     out = []
-    for x, m in stats.padded_batches(data.frames, batch_size, resolution):
-        out.append(np.asarray(predict(state.params, state.batch_stats, x))[:m])
+    fetch = np.asarray if placement is None else placement.fetch
+    for x, m in stats.device_batches(data.frames, batch_size, resolution, placement):
+        out.append(np.asarray(fetch(predict(state.params, state.batch_stats, x)))[:m])
     return np.concatenate(out).astype(np.float64)
 
 
-def evaluate(predict, state, target: FasData, val: FasData, config) -> dict:
+def evaluate(predict, state, target: FasData, val: FasData, config, placement=None) -> dict:
     """Target metrics (threshold by eval.threshold_mode) and the source-validation EER/AUC."""
     bs, r = int(config.eval.batch_size), int(config.data.resolution)
-    val_scores = scores(predict, state, val, bs, r)
-    target_scores = scores(predict, state, target, bs, r)
+    val_scores = scores(predict, state, val, bs, r, placement)
+    target_scores = scores(predict, state, target, bs, r, placement)
     per_video = bool(config.eval.per_video)
     mode = config.eval.threshold_mode
     kwargs = {}

@@ -22,7 +22,12 @@ class MetricLog:
     drops the rest, so a resumed run's log is the uninterrupted run's log.
     """
 
-    def __init__(self, workdir: str, keep_lines: int, purge_step: int | None):
+    def __init__(self, workdir: str, keep_lines: int, purge_step: int | None,
+                 enabled: bool = True):
+        # Disabled (processes other than 0 of a multi-process run): counts, writes nothing.
+        self.enabled, self.lines, self.tb = enabled, keep_lines, None
+        if not enabled:
+            return
         self.path = os.path.join(workdir, "metrics.jsonl")
         lines = []
         if os.path.exists(self.path):
@@ -35,6 +40,9 @@ class MetricLog:
         self.tb = SummaryWriter(os.path.join(workdir, "tb"), purge_step=purge_step)
 
     def write(self, record: dict) -> None:
+        if not self.enabled:
+            self.lines += 1
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         self.lines += 1
@@ -49,7 +57,8 @@ class MetricLog:
         self.tb.flush()
 
     def close(self) -> None:
-        self.tb.close()
+        if self.tb is not None:
+            self.tb.close()
 
     def __enter__(self):
         return self

@@ -144,12 +144,13 @@ def _cosine(a, b) -> jax.Array:
     return dot / (state_lib.global_norm(a) * state_lib.global_norm(b) + 1e-30)
 
 
-def make_meta_step(config) -> Callable:
+def make_meta_step(config, placement=None) -> Callable:
     """`meta_step(state, batch, *, second_order) -> (state, metrics)`: jitted, state donated.
 
     `second_order` is static (each value compiles once). With `config.meta.grad_cosine` the
     metrics also hold the cosine between this step's first- and second-order meta-gradients.
-    The batch is checked (`validate_batch`) before it reaches the compiled step.
+    The batch is checked (`validate_batch`) before it reaches the compiled step. `placement`
+    (`runtime.Placement`): the mesh a sharded run's state and batches live on.
     """
     objective = make_objective(config)
     tx = state_lib.outer_optimizer(config.meta)
@@ -174,9 +175,8 @@ def make_meta_step(config) -> Callable:
         )
         return new_state, metrics
 
-    jitted = state_lib.jit_step(
-        step, static_argnames=("second_order",), donate_state=True, training=True
-    )
+    jitted = state_lib.jit_step(step, static_argnames=("second_order",), donate_state=True,
+                                training=True, placement=placement)
 
     def meta_step(state: state_lib.TrainState, batch: Batch, *, second_order: bool):
         validate_batch(batch, config)

@@ -16,6 +16,9 @@ import warnings
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec
 
 log = logging.getLogger(__name__)
 
@@ -143,3 +146,69 @@ def release_host_memory() -> bool:
         return False
     _libc.malloc_trim(0)
     return True
+
+
+class Placement:
+    """Where a run's arrays live: one mesh over every device of every process, axis 'data'.
+
+    Parameters and optimizer state are replicated; batches are sharded over their batch axis (the
+    per-domain batch B of a meta-batch [K, B, ...], the first axis otherwise). Plain `jit` over
+    these shardings keeps one device's semantics: BatchNorm statistics, MMD and the inner step
+    all see the whole global batch (XLA inserts the collectives). Each process supplies only its
+    own slice of a global batch (`local_rows`, `batch`).
+    """
+
+    def __init__(self, devices=None):
+        devices = jax.devices() if devices is None else list(devices)
+        self.mesh = jax.make_mesh((len(devices),), ("data",), devices=devices)
+        self.num_devices = len(devices)
+        self.process_index, self.process_count = jax.process_index(), jax.process_count()
+        self.replicated = NamedSharding(self.mesh, PartitionSpec())
+
+    @property
+    def sharded(self) -> bool:
+        return self.num_devices > 1
+
+    @property
+    def is_main_process(self) -> bool:
+        """The process that writes logs, results and the progress bar."""
+        return self.process_index == 0
+
+    def batch_sharding(self, axis: int) -> NamedSharding:
+        return NamedSharding(self.mesh, PartitionSpec(*([None] * axis), "data"))
+
+    def local_rows(self, n: int) -> slice:
+        """This process's rows of a global batch axis of length n (n divisible by the devices)."""
+        per = n // self.process_count
+        return slice(self.process_index * per, (self.process_index + 1) * per)
+
+    def batch(self, local: dict, axis: int) -> dict:
+        """A global batch from this process's slice of it (the same slice `local_rows` names)."""
+        sharding = self.batch_sharding(axis)
+        return {key: jax.make_array_from_process_local_data(sharding, np.asarray(value))
+                for key, value in local.items()}
+
+    def replicate(self, tree):
+        """A pytree (the same values on every process) replicated on every device."""
+        if not self.sharded:
+            return jax.device_put(tree)
+        return jax.tree.map(
+            lambda a: jax.make_array_from_callback(np.shape(a), self.replicated,
+                                                   lambda index: np.asarray(a)[index]),
+            jax.device_get(tree))
+
+    def fetch(self, tree):
+        """Host numpy copies of (possibly sharded, multi-process) arrays: the global values."""
+        if self.process_count > 1:
+            return multihost_utils.process_allgather(tree, tiled=True)
+        return jax.device_get(tree)
+
+    def check_divides(self, sizes: dict[str, int]) -> None:
+        """UserError naming each config field whose batch the device count does not divide."""
+        bad = {field: n for field, n in sizes.items() if n % self.num_devices}
+        if bad:
+            from d2am_jax.errors import UserError
+            raise UserError("; ".join(
+                f"config.{field}={n} is not divisible by the {self.num_devices} devices of the "
+                f"mesh (each device takes an equal part of every batch)"
+                for field, n in bad.items()))

@@ -56,10 +56,14 @@ class JittedStep:
 
 
 def jit_step(fn: Callable, *, static_argnames=(), donate_state: bool = False,
-             training: bool = False) -> JittedStep:
+             training: bool = False, placement=None) -> JittedStep:
     """`fn` jitted: the state (first argument) donated if asked, training steps with the project's
-    XLA options (`runtime.training_compiler_options`)."""
+    XLA options (`runtime.training_compiler_options`). Over a sharded `placement` a training
+    step's outputs (the new state and the scalar metrics) are replicated like its state; the
+    inputs carry their own shardings (`Placement.replicate`, `Placement.batch`)."""
     kwargs: dict[str, Any] = {"static_argnames": static_argnames}
+    if training and placement is not None and placement.sharded:
+        kwargs["out_shardings"] = placement.replicated
     if donate_state:
         kwargs["donate_argnums"] = (0,)
     if training:

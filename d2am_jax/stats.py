@@ -29,8 +29,8 @@ DrlmStats = list[dict[str, np.ndarray]]
 MAX_MICRO_BATCH = 8
 
 
-def make_stats_pass(config, batch_size: int,
-                    micro_batch: int | None = None) -> Callable[..., DrlmStats]:
+def make_stats_pass(config, batch_size: int, micro_batch: int | None = None,
+                    placement=None) -> Callable[..., DrlmStats]:
     """`stats_pass(params_E, batch_stats_E, source)` → 3 × {'attention','mean','std'} [n, C_j].
 
     Three dicts (one per DRLM) of numpy float arrays, one row per sample.
@@ -52,10 +52,17 @@ def make_stats_pass(config, batch_size: int,
     the device loops over one batch; since evaluation-mode samples are independent, it changes no
     number beyond float rounding.
 
+    placement (`runtime.Placement`): over a mesh each batch is sharded over its rows, each process
+    reads only its rows and the statistics come back whole on every process.
+
     The jitted forward is traced once for any number of calls, batches and epochs:
     `stats_pass.trace_count()` says how often it was.
     """
     batch_size = _checked_batch_size(batch_size)
+    if placement is not None and placement.sharded and micro_batch is None:
+        # Micro-batches are a CPU cache trick; over a mesh each device takes its rows at once
+        # (a loop over micro-batches would run over the sharded axis).
+        micro_batch = batch_size
     micro_batch = _checked_micro_batch(micro_batch, batch_size)
     E, _, _ = models.build_modules(config.model)
     resolution = int(config.data.resolution)
@@ -77,16 +84,16 @@ def make_stats_pass(config, batch_size: int,
     def stats_pass(params_E, batch_stats_E, source) -> DrlmStats:
         parts: list[DrlmStats] = []
         pending = None
-        for x, num_real in padded_batches(source, batch_size, resolution):
+        for x, num_real in device_batches(source, batch_size, resolution, placement):
             # Dispatch is asynchronous: fetching the previous batch's results while this one runs
             # lets the host prepare the next batch during the device's work.
             out = jitted(params_E, batch_stats_E, x)
             if pending is not None:
-                parts.append(_real_rows(*pending))
+                parts.append(_real_rows(*pending, placement))
             pending = (out, num_real)
         if pending is None:
             raise ValueError("stats pass: the source holds no samples; expected at least one")
-        parts.append(_real_rows(*pending))
+        parts.append(_real_rows(*pending, placement))
         return [{key: np.concatenate([p[j][key] for p in parts]) for key in STATS_KEYS}
                 for j in range(len(parts[0]))]
 
@@ -106,12 +113,35 @@ def compute_bank(stats_fn: Callable[..., DrlmStats], params_E, batch_stats_E, fr
     return domains.domain_features(stats_fn(params_E, batch_stats_E, frames), mode, fraction)
 
 
-def padded_batches(source, batch_size: int, resolution: int) -> Iterator[tuple[np.ndarray, int]]:
+def device_batches(source, batch_size: int, resolution: int, placement=None):
+    """(x on the device(s), number of real rows of the global batch) for each padded batch; with a
+    sharded `placement` each process reads only its rows of each batch (`Placement.local_rows`)
+    and x is the global batch, sharded over its first axis."""
+    if placement is None or not placement.sharded:
+        yield from padded_batches(source, batch_size, resolution)
+        return
+    rows = placement.local_rows(batch_size)
+    for x, num_real in padded_batches(source, batch_size, resolution, rows):
+        yield placement.batch({"x": x}, axis=0)["x"], num_real
+
+
+def padded_batches(source, batch_size: int, resolution: int,
+                   rows: slice | None = None) -> Iterator[tuple[np.ndarray, int]]:
     """(x [batch_size, r, r, C], number of real rows) in order (uint8 RGB from a frame store,
     float32 RGB+HSV from model-input batches); padded rows are zeros.
 
     Rows of an input iterable are regrouped into full batches, so only the very last is padded.
+    `rows`: only these rows of each padded batch are returned (and, from a frame store, read);
+    the count is still the whole batch's.
     """
+    if rows is not None and _is_frame_store(source):
+        yield from _frame_store_rows(source, batch_size, resolution, rows)
+        return
+    for x, num_real in _regrouped(source, batch_size, resolution):
+        yield (x if rows is None else x[rows]), num_real
+
+
+def _regrouped(source, batch_size: int, resolution: int) -> Iterator[tuple[np.ndarray, int]]:
     held: list[np.ndarray] = []
     num_held = 0
     for x in _model_inputs(source, batch_size, resolution):
@@ -125,6 +155,33 @@ def padded_batches(source, batch_size: int, resolution: int) -> Iterator[tuple[n
         rows = np.concatenate(held)
         pad = np.zeros((batch_size - num_held,) + rows.shape[1:], rows.dtype)
         yield np.concatenate([rows, pad]), num_held
+
+
+def _frame_store_rows(frames, batch_size: int, resolution: int,
+                      rows: slice) -> Iterator[tuple[np.ndarray, int]]:
+    """`rows` of each padded batch of a frame store, reading only those frames."""
+    n = len(frames)
+    local = np.arange(batch_size)[rows]
+    for start in range(0, n, batch_size):
+        idx = start + local
+        real = idx < n
+        x = np.zeros((len(local), resolution, resolution, 3), np.uint8)
+        if real.any():
+            x[real] = next(_frame_store_inputs(_Rows(frames, idx[real]), len(idx), resolution))
+        yield x, min(batch_size, n - start)
+
+
+class _Rows:
+    """Rows `idx` of a frame store, as a frame store."""
+
+    def __init__(self, frames, idx):
+        self.frames, self.idx = frames, idx
+
+    def __len__(self) -> int:
+        return len(self.idx)
+
+    def __getitem__(self, i):
+        return self.frames[self.idx[np.asarray(i)]]
 
 
 def _model_inputs(source, batch_size: int, resolution: int) -> Iterator[np.ndarray]:
@@ -188,8 +245,8 @@ def _checked_input_batch(batch, i: int, resolution: int) -> np.ndarray:
     return x if x.dtype == np.uint8 else x.astype(np.float32, copy=False)
 
 
-def _real_rows(out: Any, num_real: int) -> DrlmStats:
-    host = jax.device_get(out)
+def _real_rows(out: Any, num_real: int, placement=None) -> DrlmStats:
+    host = jax.device_get(out) if placement is None else placement.fetch(out)
     return [{key: np.asarray(stats[key][:num_real]) for key in STATS_KEYS} for stats in host]
 
 

@@ -42,6 +42,7 @@ from d2am_jax import state as state_lib
 from d2am_jax.data import sampler as sampler_lib
 from d2am_jax.data import sources
 from d2am_jax.data.dataset import FasData, depth_size
+from d2am_jax.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ class RunState:
     results: list             # results.json's records so far
     best_value: float | None  # the best source-validation value (sign-adjusted: lower is better)
     log_lines: int            # metrics.jsonl records so far
+    devices: int = 1          # the mesh's size (a resume must keep it: see _start_or_resume)
 
 
 class Steps(NamedTuple):
@@ -71,13 +73,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     last and best, whether the run was preempted, and the trace counts of the jitted parts."""
     config_check.check(config)
     runtime.start(config)
+    placement = runtime.Placement()           # one mesh over every device of every process
+    placement.check_divides(_batch_sizes(config))
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     data = sources.load(config, workdir)                             # Algorithm 1 line 1
     ckpt = checkpointing.Checkpointer(workdir, int(config.checkpoint.keep))
     imagenet = ImageNetBank(config, data.train.frames)
-    run, state, pseudo = _start_or_resume(config, ckpt, data.train, imagenet)   # line 2
-    steps = _steps(config)
+    run, state, pseudo = _start_or_resume(config, ckpt, data.train, imagenet,  # line 2
+                                          placement)
+    steps = _steps(config, placement)
     sampler = sampler_lib.MetaBatchSampler(
         data.train.frames, data.train.labels, data.train.depth, num_domains=run.k,
         per_domain_batch=int(config.meta.per_domain_batch),
@@ -87,11 +92,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     step = int(jax.device_get(state.step))
     last_good = step or None                  # the newest checkpoint's step
     rate, batches = _Rate(), None
-    logs.write_results(workdir, run.results)
-    with logs.MetricLog(workdir, run.log_lines, (step + 1) if step else None) as metric_log, \
+    main = placement.is_main_process          # logs, results and the bar come from process 0
+    if main:
+        logs.write_results(workdir, run.results)
+    with logs.MetricLog(workdir, run.log_lines, (step + 1) if step else None,
+                        enabled=main) as metric_log, \
             runtime.Preemption() as preemption, contextlib.ExitStack() as stack, \
             tqdm.tqdm(total=total, initial=min(step, total), unit="step",
-                      disable=not config.progress, dynamic_ncols=True) as bar:
+                      disable=not (config.progress and main), dynamic_ncols=True) as bar:
         while step < total and not preemption.requested:            # line 3
             epoch, in_epoch = divmod(step, spe)
             if d2am and in_epoch == 0:                               # lines 4–8
@@ -103,7 +111,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                   "seconds": time.time() - t0, **diagnostics})
             if batches is None:  # this epoch's batches, prepared ahead on a background thread
                 batches = stack.enter_context(feed.training_batches(
-                    config, sampler, pseudo, epoch, in_epoch, spe))
+                    config, sampler, pseudo, epoch, in_epoch, spe, placement))
             t0, waited = time.time(), batches.wait_seconds              # lines 9–17
             batch = next(batches)
             state, metrics = steps.train(state, batch)
@@ -129,13 +137,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             best = False
             if epoch_end and ((epoch + 1) % int(config.eval.every_epochs) == 0 or step == total):
                 best = _evaluate(config, run, steps.predict, state, data, epoch + 1, step,
-                                 metric_log, bar)
+                                 metric_log, bar, placement)
             if epoch_end or step % int(config.checkpoint.every_steps) == 0 \
                     or preemption.requested:
                 run.log_lines = metric_log.lines
                 ckpt.save(step, state, pseudo, _metadata(config, run), best=best)
                 last_good = step
-                logs.write_results(workdir, run.results)
+                if main:
+                    logs.write_results(workdir, run.results)
     ckpt.close()
     return {
         "results": run.results,
@@ -189,16 +198,29 @@ class ImageNetBank:
         return self._bank
 
 
-def _steps(config) -> Steps:
+def _batch_sizes(config) -> dict[str, int]:
+    """The batches a mesh splits, by the config field that sizes them."""
+    sizes = {"domains.stats_batch_size": int(config.domains.stats_batch_size),
+             "eval.batch_size": int(config.eval.batch_size)}
     if config.method == "d2am":
-        meta_step = meta.make_meta_step(config)
+        sizes["meta.per_domain_batch"] = int(config.meta.per_domain_batch)
+    else:  # ERM's pooled batch: K·B examples
+        sizes["meta.per_domain_batch"] = int(config.meta.per_domain_batch) * int(
+            config.meta.num_domains)
+    return sizes
+
+
+def _steps(config, placement: runtime.Placement) -> Steps:
+    if config.method == "d2am":
+        meta_step = meta.make_meta_step(config, placement)
         second_order = bool(config.meta.second_order)
         train_step = lambda s, b: meta_step(s, b, second_order=second_order)  # noqa: E731
         train_step.trace_count = meta_step.trace_count
     else:
-        train_step = erm.make_erm_step(config)
-    return Steps(train_step, stats.make_stats_pass(config, int(config.domains.stats_batch_size)),
-                 state_lib.make_predict(config))
+        train_step = erm.make_erm_step(config, placement)
+    stats_pass = stats.make_stats_pass(config, int(config.domains.stats_batch_size),
+                                       placement=placement)
+    return Steps(train_step, stats_pass, state_lib.make_predict(config))
 
 
 def _metadata(config, run: RunState) -> dict:
@@ -206,14 +228,16 @@ def _metadata(config, run: RunState) -> dict:
 
 
 def _start_or_resume(config, ckpt: checkpointing.Checkpointer, train: FasData,
-                     imagenet: ImageNetBank) -> tuple[RunState, state_lib.TrainState, np.ndarray]:
-    """(run record, TrainState, pseudo domains): restored from the newest checkpoint, or fresh."""
+                     imagenet: ImageNetBank, placement: runtime.Placement
+                     ) -> tuple[RunState, state_lib.TrainState, np.ndarray]:
+    """(run record, TrainState replicated on the mesh, pseudo domains): restored from the newest
+    checkpoint, or fresh."""
     resume_step = ckpt.latest_step()
     if resume_step is None:
         k = resolve_k(config, train, imagenet)
         batch_images = k * int(config.meta.per_domain_batch)
         spe = int(config.steps_per_epoch) or -(-len(train) // batch_images)
-        run = RunState(k, spe, [], None, 0)
+        run = RunState(k, spe, [], None, 0, placement.num_devices)
         state = state_lib.init_state(config, jax.random.PRNGKey(int(config.seed)))
         pseudo = np.zeros(len(train), np.int32)
     else:
@@ -222,14 +246,23 @@ def _start_or_resume(config, ckpt: checkpointing.Checkpointer, train: FasData,
         if changed:
             log.warning("resuming with changed config fields %s", changed)
         run = RunState(**{f.name: saved[f.name] for f in dataclasses.fields(RunState)})
+        if run.devices != placement.num_devices:
+            # A different mesh splits each batch differently: BatchNorm and the losses see the
+            # same global batch, but XLA's reductions run in another order — not bit-identical.
+            raise UserError(
+                f"{ckpt.latest_dir} was trained on {run.devices} device(s), this run has "
+                f"{placement.num_devices}; resume with the same device count (the global batch "
+                f"is fixed by the config), or use a new workdir")
         target = state_lib.init_state(config, jax.random.PRNGKey(int(config.seed)))
         restored = ckpt.restore(target, step=resume_step)
         state, pseudo = restored.state, restored.pseudo_domain
         epoch, in_epoch = divmod(resume_step, run.steps_per_epoch)
         log.info("resumed from %s step %d (epoch %d, step %d of %d)", ckpt.latest_dir,
                  resume_step, epoch + 1, in_epoch, run.steps_per_epoch)
-    with open(os.path.join(ckpt.workdir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=1))
+    state = placement.replicate(state)
+    if placement.is_main_process:
+        with open(os.path.join(ckpt.workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=1))
     return run, state, pseudo
 
 
@@ -277,9 +310,9 @@ def epoch_domains(config, epoch: int, k: int, state, stats_fn, train: FasData,
 
 
 def _evaluate(config, run: RunState, predict, state, data: sources.RunData, epoch: int,
-              step: int, metric_log: logs.MetricLog, bar) -> bool:
+              step: int, metric_log: logs.MetricLog, bar, placement=None) -> bool:
     """Evaluates on the target, records the result; True if source validation is the best yet."""
-    result = evaluation.evaluate(predict, state, data.target, data.val, config)
+    result = evaluation.evaluate(predict, state, data.target, data.val, config, placement)
     record = evaluation.record(result, epoch, step)
     run.results.append(record)
     metric_log.write({"kind": "eval", **record})

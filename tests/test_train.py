@@ -83,7 +83,8 @@ def _wait_for_checkpoint(proc, workdir, min_step, timeout=240):
 
 
 def _strip_timing(records):
-    return [{k: v for k, v in r.items() if k not in ("images_per_s", "seconds")} for r in records]
+    timing = ("images_per_s", "seconds", "input_wait_share")
+    return [{k: v for k, v in r.items() if k not in timing} for r in records]
 
 
 @pytest.fixture(scope="module")
@@ -177,8 +178,8 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(smoke_run, tmp_path):
 def test_sigterm_saves_and_exits_cleanly(tmp_path, monkeypatch):
     real = meta.make_meta_step
 
-    def terminating_make_meta_step(config):
-        step_fn = real(config)
+    def terminating_make_meta_step(config, *args):
+        step_fn = real(config, *args)
         calls = {"n": 0}
 
         def terminated(state, batch, *, second_order):
@@ -205,8 +206,8 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, monkeypatch):
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     real = meta.make_meta_step
 
-    def poisoning_make_meta_step(config):
-        step_fn = real(config)
+    def poisoning_make_meta_step(config, *args):
+        step_fn = real(config, *args)
         calls = {"n": 0}
 
         def poisoned(state, batch, *, second_order):

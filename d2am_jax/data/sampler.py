@@ -260,25 +260,33 @@ class MetaBatchSampler:
         idx = np.stack([_balanced(rng, *pools[d], self.per_domain_batch) for d in order])
         return idx, order.astype(np.int32)
 
-    def meta_batch(self, pseudo_domain, epoch: int, step: int) -> dict[str, np.ndarray]:
+    def meta_batch(self, pseudo_domain, epoch: int, step: int,
+                   columns: slice | None = None) -> dict[str, np.ndarray]:
         """{'x': uint8 RGB [K, B, H, W, 3], 'y': float32 [K, B], 'depth': uint8 [K, B, d, d]
         (k/255), 'domains': int32 [K]}; rows 0..K−2 are meta-train, row K−1 meta-test. What
         crosses to the device stays uint8: scaling and RGB→HSV run inside the step
-        (`models.model_input`)."""
+        (`models.model_input`). `columns`: only these columns of each domain batch are loaded
+        (a process's slice of the global batch in a multi-process run)."""
         idx, order = self.meta_indices(pseudo_domain, epoch, step)
+        if columns is not None:
+            idx = idx[:, columns]
         batch = self._examples(idx.reshape(-1))
         k, b = idx.shape
         batch = {key: v.reshape((k, b) + v.shape[1:]) for key, v in batch.items()}
         batch["domains"] = order
         return batch
 
-    def pooled_batch(self, epoch: int, step: int) -> dict[str, np.ndarray]:
+    def pooled_batch(self, epoch: int, step: int,
+                     columns: slice | None = None) -> dict[str, np.ndarray]:
         """The ERM baseline's batch: K·B examples of the whole source, half live, half spoof.
 
         Same keys as meta_batch with a leading axis of 1; 'domains' is [-1] (all pooled).
+        `columns`: only these examples are loaded, as in `meta_batch`.
         """
         rng = np.random.default_rng((self.seed, epoch, step))
         idx = _balanced(rng, self._live, self._spoof, self.num_domains * self.per_domain_batch)
+        if columns is not None:
+            idx = idx[columns]
         batch = {key: v[None] for key, v in self._examples(idx).items()}
         batch["domains"] = np.full(1, -1, np.int32)
         return batch

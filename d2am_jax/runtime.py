@@ -160,7 +160,10 @@ class Placement:
 
     def __init__(self, devices=None):
         devices = jax.devices() if devices is None else list(devices)
-        self.mesh = jax.make_mesh((len(devices),), ("data",), devices=devices)
+        # Auto axes: XLA's sharding propagation places the intermediates (plain `jit` semantics);
+        # explicit axes would make every reshape of the sharded batch spell out its sharding.
+        self.mesh = jax.make_mesh((len(devices),), ("data",), devices=devices,
+                                  axis_types=(jax.sharding.AxisType.Auto,))
         self.num_devices = len(devices)
         self.process_index, self.process_count = jax.process_index(), jax.process_count()
         self.replicated = NamedSharding(self.mesh, PartitionSpec())
@@ -212,3 +215,37 @@ class Placement:
                 f"config.{field}={n} is not divisible by the {self.num_devices} devices of the "
                 f"mesh (each device takes an equal part of every batch)"
                 for field, n in bad.items()))
+
+
+_CLUSTER_ENV = ("SLURM_NTASKS", "TPU_WORKER_HOSTNAMES", "CLOUD_TPU_TASK_ID",
+                "OMPI_COMM_WORLD_SIZE", "JAX_COORDINATOR_ADDRESS")
+
+
+def start_processes(coordinator_address: str | None = None, num_processes: int | None = None,
+                    process_id: int | None = None) -> None:
+    """Joins a multi-process run (`jax.distributed`) before jax's backends start.
+
+    With a coordinator address, the three values say it all; without one, jax detects the cluster
+    itself where the environment names one (SLURM, TPU VMs, Open MPI); a single process on its own
+    needs nothing. A process id outside [0, num_processes) or an incomplete triple is refused.
+    """
+    from d2am_jax.errors import UserError
+    given = [v is not None for v in (coordinator_address, num_processes, process_id)]
+    if any(given) and not all(given):
+        raise UserError("--coordinator_address, --num_processes and --process_id go together "
+                        f"(got {coordinator_address!r}, {num_processes!r}, {process_id!r})")
+    if all(given):
+        if num_processes < 1 or not 0 <= process_id < num_processes:
+            raise UserError(f"--process_id={process_id} must lie in [0, --num_processes="
+                            f"{num_processes})")
+        jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    elif any(_env_says_cluster(name) for name in _CLUSTER_ENV):
+        jax.distributed.initialize()
+
+
+def _env_says_cluster(name: str) -> bool:
+    import os
+    value = os.environ.get(name, "")
+    if name in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
+        return value.isdigit() and int(value) > 1
+    return bool(value)

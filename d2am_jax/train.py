@@ -321,7 +321,8 @@ def _evaluate(config, run: RunState, predict, state, data: sources.RunData, epoc
     best = run.best_value is None or value < run.best_value
     if best:
         run.best_value = value
-    bar.write(f"epoch {epoch}: HTER {record['hter']:.4f} AUC {record['auc']:.4f} ACER "
-              f"{record['acer']:.4f} (threshold {record['threshold']:.4f}, "
-              f"{record['threshold_mode']}); source-val EER {record['val_eer']:.4f}")
+    if placement is None or placement.is_main_process:
+        bar.write(f"epoch {epoch}: HTER {record['hter']:.4f} AUC {record['auc']:.4f} ACER "
+                  f"{record['acer']:.4f} (threshold {record['threshold']:.4f}, "
+                  f"{record['threshold_mode']}); source-val EER {record['val_eer']:.4f}")
     return best

@@ -1,0 +1,86 @@
+"""Run by tests/test_sharding.py in a subprocess with 4 CPU devices: the meta-step, the stats pass
+and prediction over a 4-device mesh against the same functions on one device, in float64 (or
+float32 with --float32). Prints one JSON line of relative differences and trace counts."""
+
+import json
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from d2am_jax import evaluation, meta, runtime, stats
+from d2am_jax import state as state_lib
+from d2am_jax.configs import default
+from d2am_jax.data.dataset import FasData, depth_size
+from d2am_jax.data.sampler import InMemoryFrames
+
+
+def config_():
+    c = default.get_config()
+    c.data.resolution, c.model.width, c.model.adaptation_dim = 16, 0.03125, 4
+    c.model.drlm_reduction, c.meta.num_domains, c.meta.per_domain_batch = 4, 3, 4
+    c.meta.inner_lr = 0.5   # large, so that the second-order terms matter
+    return c
+
+
+def rel(a, b) -> float:
+    a, b = jax.tree.leaves(jax.device_get(a)), jax.tree.leaves(jax.device_get(b))
+    num = sum(float(np.sum((np.asarray(x) - np.asarray(y)) ** 2)) for x, y in zip(a, b))
+    den = sum(float(np.sum(np.asarray(y) ** 2)) for y in b)
+    return (num / max(den, 1e-300)) ** 0.5
+
+
+def main(dtype):
+    config = config_()
+    placement = runtime.Placement()
+    assert placement.num_devices == 4, placement.num_devices
+    cast = lambda t: jax.tree.map(lambda a: jnp.asarray(a, dtype), t)
+    state = state_lib.init_state(config, jax.random.PRNGKey(0))
+    state = state.replace(params=cast(state.params), batch_stats=cast(state.batch_stats),
+                          opt_state=cast(state.opt_state))
+    rng = np.random.default_rng(0)
+    k, b, r = 3, 4, 16
+    g = depth_size(r)
+    y = np.tile(np.r_[np.ones(b // 2), np.zeros(b // 2)], (k, 1)).astype(dtype)
+    batch = {"x": rng.integers(0, 256, (k, b, r, r, 3), dtype=np.uint8), "y": y,
+             "depth": (rng.integers(0, 256, (k, b, g, g)) * y[..., None, None]).astype(np.uint8)}
+    out = {}
+    for order in (True, False):
+        single = meta.make_meta_step(config)
+        sharded = meta.make_meta_step(config, placement)
+        fresh = jax.tree.map(lambda a: jnp.array(a, copy=True), state)  # the steps donate it
+        s1, m1 = single(fresh, batch, second_order=order)
+        s2, m2 = sharded(placement.replicate(state), placement.batch(batch, axis=1),
+                         second_order=order)
+        name = "second" if order else "first"
+        out[f"{name}_params"] = rel(s2.params, s1.params)
+        out[f"{name}_batch_stats"] = rel(s2.batch_stats, s1.batch_stats)
+        out[f"{name}_metrics"] = max(abs(float(m2[key]) - float(m1[key])) /
+                                     max(abs(float(m1[key])), 1e-30) for key in m1)
+        out[f"{name}_replicated"] = all(a.sharding.is_fully_replicated
+                                        for a in jax.tree.leaves(s2.params))
+        out[f"{name}_traces"] = [single.trace_count(), sharded.trace_count()]
+
+    frames = InMemoryFrames(rng.integers(0, 256, (20, r, r, 3), dtype=np.uint8))
+    one = stats.make_stats_pass(config, 8)(state.params["E"], state.batch_stats["E"], frames)
+    pass_ = stats.make_stats_pass(config, 8, placement=placement)
+    many = pass_(placement.replicate(state.params["E"]),
+                 placement.replicate(state.batch_stats["E"]), frames)
+    out["stats"] = rel(many, one)
+    out["stats_traces"] = pass_.trace_count()
+    data = FasData(frames, np.zeros(20, np.int32), None, np.arange(20).astype(str),
+                   np.full(20, "d"), np.full(20, ""))
+    predict = state_lib.make_predict(config)
+    p1 = evaluation.scores(predict, state, data, 8, r)
+    p2 = evaluation.scores(predict, placement.replicate(state), data, 8, r, placement)
+    out["predict"] = float(np.max(np.abs(p2 - p1)) / np.max(np.abs(p1)))
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    if "--float32" in sys.argv:
+        main(np.float32)
+    else:
+        with jax.enable_x64(True):
+            main(np.float64)

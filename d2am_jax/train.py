@@ -206,13 +206,16 @@ def _start_or_resume(config, ckpt: checkpointing.Checkpointer, train: FasData,
         state = state_lib.init_state(config, jax.random.PRNGKey(int(config.seed)))
         pseudo = np.zeros(len(train), np.int32)
     else:
+        # The config first (a changed model would not restore), then the newest checkpoint that
+        # restores: a damaged newer one is moved aside, and the run record is the restored one's.
         _, saved = ckpt.read_meta("latest")
         changed = config_check.resumable_changes(saved["config"], config, ckpt.latest_dir)
         if changed:
             log.warning("resuming with changed config fields %s", changed)
-        run = RunState(**{f.name: saved[f.name] for f in dataclasses.fields(RunState)})
         target = state_lib.init_state(config, jax.random.PRNGKey(int(config.seed)))
-        restored = ckpt.restore(target, step=resume_step)
+        restored = ckpt.restore(target)
+        resume_step, saved = restored.step, restored.meta
+        run = RunState(**{f.name: saved[f.name] for f in dataclasses.fields(RunState)})
         state, pseudo = restored.state, restored.pseudo_domain
         epoch, in_epoch = divmod(resume_step, run.steps_per_epoch)
         log.info("resumed from %s step %d (epoch %d, step %d of %d)", ckpt.latest_dir,

@@ -98,6 +98,9 @@ def test_cli_misspelled_field_fails_with_its_name(tmp_path):
     cmd = [sys.executable, "-m", "d2am_jax.main", "--config", "d2am_jax/configs/smoke.py",
            "--workdir", str(tmp_path / "run"), "--config.meta.inner_lrr=0.1"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0
-    assert "inner_lrr" in proc.stderr
-    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "error: --config.meta.inner_lrr: the config has no field 'inner_lrr' "
+        "(Did you mean \"inner_lr\" instead of \"inner_lrr\"?)"]
+    assert not (tmp_path / "run").exists()

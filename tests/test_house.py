@@ -98,6 +98,18 @@ def test_cli_prints_a_user_mistake_as_one_line(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+def test_cli_missing_config_file_is_one_line(tmp_path):
+    cmd = [sys.executable, "-m", "d2am_jax.main", "--config", "d2am_jax/configs/smok.py",
+           "--workdir", str(tmp_path / "run")]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "error: --config: cannot load the config file: [Errno 2] No such file or directory: "
+        "'d2am_jax/configs/smok.py'"]
+    assert not (tmp_path / "run").exists()
+
+
 def test_cli_keeps_the_traceback_of_a_bug(tmp_path):
     # A data-loading bug stands in for any bug below the CLI: a plain ValueError, not a UserError.
     code = ("import sys\n"

@@ -9,15 +9,20 @@ is never read while it is written. Orbax writes into a temporary directory and r
 complete; a directory left half-written by a killed process is never taken as a checkpoint (see
 `finalized_steps`). A complete checkpoint that no longer restores (a truncated or deleted file) is
 skipped for the newest one that does, and moved aside like a half-written one (`<step>.incomplete`).
-A save that fails for lack of space (any OSError) is a `UserError` naming the directory; the
+A save the file system refuses (a full disk: OSError, or tensorstore's ValueError with the OS
+error code) is one `UserError` naming the directory, orbax's logged tracebacks held back; the
 checkpoints already written stay.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
+import gc
 import logging
 import os
+import sys
 from typing import Any
 
 import jax
@@ -30,6 +35,10 @@ log = logging.getLogger(__name__)
 
 LATEST_DIR = "checkpoints"
 BEST_DIR = "best"
+
+
+class CheckpointWriteError(UserError):
+    """The file system refused a checkpoint (full disk, quota, permission); earlier ones stay."""
 
 
 @dataclasses.dataclass
@@ -82,6 +91,72 @@ def _reason(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[:300]}"
 
 
+def _storage_error(error: BaseException) -> bool:
+    """A write the file system refused (full disk, quota, lost mount, permission): an OSError, or
+    tensorstore's ValueError that carries the OS error code."""
+    return isinstance(error, OSError) or "os_error_code=" in str(error)
+
+
+def _storage_reason(error: BaseException) -> str:
+    text = str(error)
+    if (isinstance(error, OSError) and error.errno == errno.ENOSPC) or \
+            "No space left on device" in text:
+        return "no space left on device"
+    return _reason(error)
+
+
+class _HeldErrors(logging.Filter):
+    """What orbax and tensorstore report besides the exception while a save fails: ERROR records
+    with tracebacks from orbax's writer threads (through absl's logger) and, from tensorstore's
+    callbacks into orbax's closed event loops, "Event loop is closed" unraisable exceptions (about
+    200 lines on a full disk). Held while the save runs; `release` passes them on, otherwise they
+    are dropped with the save's one-line error."""
+
+    def __init__(self, logger: logging.Logger):
+        super().__init__()
+        self.logger, self.records, self.unraisable = logger, [], []
+        self.previous_hook = sys.unraisablehook
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR:
+            self.records.append(record)
+            return False
+        return True
+
+    def release(self) -> None:
+        self.logger.removeFilter(self)
+        sys.unraisablehook = self.previous_hook
+        records, self.records = self.records, []
+        unraisable, self.unraisable = self.unraisable, []
+        for record in records:
+            self.logger.handle(record)
+        for item in unraisable:
+            self.previous_hook(item)
+
+
+def _settle(manager: ocp.CheckpointManager) -> None:
+    """After a failed save: lets orbax's writer threads end and collects their abandoned
+    coroutines now, while their reports are held, rather than at exit, where they would print."""
+    try:
+        manager.wait_until_finished()
+    except Exception:  # the same failure again, already being reported
+        pass
+    gc.collect()
+
+
+@contextlib.contextmanager
+def _held_library_errors():
+    logger = logging.getLogger("absl")  # orbax logs through absl
+    held = _HeldErrors(logger)
+    logger.addFilter(held)
+    sys.unraisablehook = held.unraisable.append
+    try:
+        yield held
+    finally:
+        logger.removeFilter(held)
+        sys.unraisablehook = held.previous_hook
+
+
 def newest_that_restores(directory: str, read, *, move_aside: bool, warn: bool = True):
     """(step, read(step)) for the newest complete checkpoint in `directory` that `read` restores.
 
@@ -113,10 +188,10 @@ def newest_that_restores(directory: str, read, *, move_aside: bool, warn: bool =
                     f"move the damaged step directories away")
 
 
-def finalized_steps(directory: str) -> list[int]:
+def finalized_steps(directory: str, *, warn: bool = True) -> list[int]:
     """Steps of the complete checkpoints in `directory`, ascending. Temporary directories of an
     interrupted save, and step directories without orbax's completion marker, are skipped (and
-    logged)."""
+    logged, with warn=True)."""
     if not os.path.isdir(directory):
         return []
     steps = []
@@ -125,15 +200,15 @@ def finalized_steps(directory: str) -> list[int]:
         if not os.path.isdir(path):
             continue
         if not name.isdigit():
-            if ocp.step.is_tmp_checkpoint(path):
+            if warn and ocp.step.is_tmp_checkpoint(path):
                 log.warning("ignoring the half-written checkpoint directory %s", path)
             continue
         if not ocp.step.is_path_finalized(path) or not os.path.exists(
             os.path.join(path, "_CHECKPOINT_METADATA")
         ):
-            log.warning(
-                "ignoring the incomplete checkpoint directory %s (no completion marker)", path
-            )
+            if warn:
+                log.warning("ignoring the incomplete checkpoint directory %s (no completion "
+                            "marker)", path)
             continue
         steps.append(int(name))
     return sorted(steps)
@@ -172,21 +247,34 @@ class Checkpointer:
             domains=ocp.args.StandardSave({"pseudo_domain": np.asarray(pseudo_domain, np.int32)}),
             meta=ocp.args.JsonSave(meta),
         )
-        managers = [(self._latest, self.latest_dir)] + ([(self._best, self.best_dir)] if best
-                                                        else [])
+        # best/ first: the latest checkpoint's record says which step is best, so it is written
+        # only once best/ holds that step (a failed best save then redoes the steps since).
+        managers = ([(self._best, self.best_dir)] if best else []) + [
+            (self._latest, self.latest_dir)]
         for manager, directory in managers:
-            try:
-                if step in manager.all_steps():
-                    manager.delete(step)  # a re-save of the same step (e.g. after evaluation)
-                manager.save(step, args=args, force=True)
-                manager.wait_until_finished()
-            except OSError as e:  # a full disk, a lost mount, no permission: the user's to fix
-                kept = self.latest_step()
-                good = (f"the last good checkpoint, step {kept} in {self.latest_dir}, is kept: "
-                        f"rerunning with the same workdir resumes from it" if kept is not None
-                        else "no checkpoint had been saved before")
-                raise UserError(f"could not write checkpoint step {step} in {directory}: {e}; "
-                                f"{good}") from e
+            with _held_library_errors() as held:
+                try:
+                    if step in manager.all_steps():
+                        manager.delete(step)  # a re-save of the same step (after evaluation)
+                    manager.save(step, args=args, force=True)
+                    manager.wait_until_finished()
+                except Exception as e:
+                    if not _storage_error(e):
+                        held.release()  # a bug: everything orbax said is worth reading
+                        raise
+                    _settle(manager)
+                    raise CheckpointWriteError(
+                        f"could not write checkpoint step {step} in {directory}: "
+                        f"{_storage_reason(e)}; {self._kept()}") from e
+                held.release()
+
+    def _kept(self) -> str:
+        steps = finalized_steps(self.latest_dir, warn=False)  # the failed save's leftovers
+        kept = steps[-1] if steps else None
+        if kept is None:
+            return "no checkpoint had been saved before"
+        return (f"the last good checkpoint, step {kept} in {self.latest_dir}, is kept: free space "
+                f"and rerun with the same workdir to resume from it")
 
     def latest_step(self) -> int | None:
         steps = finalized_steps(self.latest_dir)

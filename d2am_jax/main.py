@@ -10,13 +10,14 @@ before main runs: `parse_flags`); anything else is a bug and keeps its traceback
 
 import json
 import logging as std_logging
+import os
 import sys
 
 import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from d2am_jax import errors, logs, train
+from d2am_jax import checkpointing, errors, logs, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (d2am_jax/configs/*.py).",
@@ -73,6 +74,13 @@ def main(argv):
     std_logging.getLogger("d2am_jax").setLevel(std_logging.INFO)
     try:
         summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except checkpointing.CheckpointWriteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        # Ends here, not through the interpreter's shutdown: orbax's writer coroutines that the
+        # failed save abandoned would print a traceback each (hundreds of lines) as it closes them.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
     except (errors.UserError, logs.NonFiniteLossError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

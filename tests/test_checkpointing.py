@@ -3,6 +3,7 @@ slot, half-written directories ignored on restart, a damaged newest checkpoint s
 previous one, a full disk as one clear error, prediction's partial read."""
 
 import errno
+import logging
 import os
 
 import jax
@@ -132,22 +133,50 @@ def test_when_no_checkpoint_restores_the_error_lists_them_and_nothing_moves(stat
     ckpt.close()
 
 
+TENSORSTORE_FULL = ValueError(
+    'RESOURCE_EXHAUSTED: Error writing "params.E.Conv_0.kernel/0" in OCDBT database at local file '
+    '"/run/checkpoints/3.orbax-checkpoint-tmp/state/": Failed to write 229869 bytes to file 14: '
+    "No space left on device [os_error_code='28']")
+
+
+@pytest.mark.parametrize("error", [OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)),
+                                   TENSORSTORE_FULL], ids=["OSError", "tensorstore"])
 def test_a_full_disk_is_one_clear_error_and_the_last_checkpoint_stays(state, tmp_path,
-                                                                      monkeypatch):
+                                                                      monkeypatch, caplog, error):
     ckpt = checkpointing.Checkpointer(str(tmp_path), keep=1)
     ckpt.save(2, state, np.zeros(3, np.int32), {"step": 2})
 
     def full_disk(*args, **kwargs):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        # What orbax does on a full disk: its writer thread logs the error with a traceback.
+        logging.getLogger("absl").error("_SignalingThread.run() raised an exception",
+                                        exc_info=error)
+        raise error
 
     monkeypatch.setattr(ocp.CheckpointManager, "save", full_disk)
-    with pytest.raises(UserError) as info:
-        ckpt.save(3, state, np.zeros(3, np.int32), {"step": 3})
+    with caplog.at_level("WARNING"), pytest.raises(UserError) as info:
+        ckpt.save(3, state, np.zeros(3, np.int32), {"step": 3}, best=True)
     message = str(info.value)
-    assert "\n" not in message and str(tmp_path / checkpointing.LATEST_DIR) in message
-    assert "No space left on device" in message and "step 2" in message
+    assert "\n" not in message and str(tmp_path / checkpointing.BEST_DIR) in message
+    assert "no space left on device" in message and "step 2" in message
+    assert "raised an exception" not in caplog.text  # orbax's traceback is held back
     monkeypatch.undo()
     assert ckpt.latest_step() == 2 and ckpt.restore(state).meta == {"step": 2}
+    ckpt.close()
+
+
+def test_a_failing_save_that_is_not_the_disk_keeps_its_traceback(state, tmp_path, monkeypatch,
+                                                                  caplog):
+    ckpt = checkpointing.Checkpointer(str(tmp_path), keep=1)
+
+    def bug(*args, **kwargs):
+        logging.getLogger("absl").error("orbax says why")
+        raise TypeError("an unserialisable leaf")
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", bug)
+    with caplog.at_level("WARNING"), pytest.raises(TypeError, match="unserialisable"):
+        ckpt.save(3, state, np.zeros(3, np.int32), {"step": 3})
+    assert "orbax says why" in caplog.text  # released, not dropped
+    monkeypatch.undo()
     ckpt.close()
 
 

@@ -40,12 +40,15 @@ def _fail(message: str):
     sys.exit(1)
 
 
-def _unknown_field(argv: list[str], error: BaseException) -> str:
-    """'--config.meta.inner_lrr: the config has no field 'inner_lrr' (Did you mean ...?)'."""
+def _unknown_field(argv: list[str], error: BaseException) -> str | None:
+    """'--config.meta.inner_lrr: the config has no field 'inner_lrr' (Did you mean ...?)', or
+    None when no --config.FIELD override names the missing field (then it is not the user's)."""
     lines = [line.strip().strip("'\"") for line in _innermost(error).splitlines() if line.strip()]
     field, hint = (lines[0] if lines else "?"), " ".join(lines[1:])
     names = [arg.split("=")[0] for arg in argv if arg.startswith("--config.")]
-    flag = next((n for n in names if field in n.split(".")), "a --config.FIELD override")
+    flag = next((n for n in names if field in n.split(".")), None)
+    if flag is None:
+        return None
     return f"{flag}: the config has no field {field!r}" + (f" ({hint})" if hint else "")
 
 
@@ -59,7 +62,10 @@ def parse_flags(argv: list[str]) -> list[str]:
         if not isinstance(config, ml_collections.ConfigDict):
             config.lock()  # the stand-in: raises the loading error
     except (AttributeError, KeyError) as e:
-        _fail(_unknown_field(argv, e))
+        message = _unknown_field(argv, e)
+        if message is None:
+            raise  # e.g. a bug inside the config file's get_config: its traceback says where
+        _fail(message)
     except OSError as e:
         last = str(e.__cause__ or e).strip().splitlines()[-1].strip()
         _fail(f"--config: cannot load the config file: {last}")

@@ -110,6 +110,15 @@ def test_cli_missing_config_file_is_one_line(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_cli_keeps_the_traceback_of_a_bug_in_a_config_file(tmp_path):
+    (tmp_path / "buggy.py").write_text("def get_config():\n    return object().missing_helper\n")
+    cmd = [sys.executable, "-m", "d2am_jax.main", "--config", str(tmp_path / "buggy.py"),
+           "--workdir", str(tmp_path / "run")]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert proc.returncode != 0
+    assert "Traceback" in proc.stderr and "missing_helper" in proc.stderr
+
+
 def test_cli_a_full_disk_is_one_line(tmp_path):
     code = ("import sys\n"
             "from d2am_jax import checkpointing, main, train\n"

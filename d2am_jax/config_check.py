@@ -62,7 +62,8 @@ def check(config) -> None:
     need(c.model.drlm_reduction >= 1, "model.drlm_reduction", "τ ≥ 1")
     need(c.model.adaptation_dim >= 1, "model.adaptation_dim", "≥ 1")
     need(0.0 <= c.model.bn_momentum < 1.0, "model.bn_momentum", "a number in [0, 1)")
-    need(c.model.bn_epsilon > 0, "model.bn_epsilon", "> 0")
+    need(_finite(c.model.bn_epsilon) and c.model.bn_epsilon > 0, "model.bn_epsilon",
+         "a finite number > 0")
     need(m.num_domains >= 2, "meta.num_domains", "K ≥ 2 (K-1 meta-train + 1 meta-test)")
     need(m.per_domain_batch >= 2 and m.per_domain_batch % 2 == 0, "meta.per_domain_batch",
          "an even number ≥ 2 (half live, half spoof)")
@@ -75,12 +76,16 @@ def check(config) -> None:
     need(dc.select in domains.SELECT_MODES, "domains.select", f"one of {domains.SELECT_MODES}")
     need(_finite(dc.fraction) and 0.0 < dc.fraction <= 1.0, "domains.fraction",
          "a share of channels in (0, 1]")
+    need(dc.algorithm in domains.ALGORITHMS, "domains.algorithm",
+         f"one of {domains.ALGORITHMS}")
     need(2 <= dc.k_min <= dc.k_max, "domains.k_min", "2 ≤ k_min ≤ k_max")
     need(dc.n_init >= 1, "domains.n_init", "≥ 1")
     need(dc.stats_batch_size >= 1, "domains.stats_batch_size", "≥ 1")
     need(c.pretrained.batch_size >= 1, "pretrained.batch_size", "≥ 1")
     need(c.eval.threshold_mode in metrics.THRESHOLD_MODES, "eval.threshold_mode",
          f"one of {metrics.THRESHOLD_MODES}")
+    need(_finite(c.eval.threshold) and 0.0 <= c.eval.threshold <= 1.0, "eval.threshold",
+         "a live probability in [0, 1] (used with threshold_mode='fixed')")
     need(c.eval.batch_size >= 1, "eval.batch_size", "≥ 1")
     need(c.eval.every_epochs >= 1, "eval.every_epochs", "≥ 1")
     need(c.checkpoint.every_steps >= 1, "checkpoint.every_steps", "≥ 1")

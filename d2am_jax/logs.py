@@ -1,5 +1,5 @@
 """What a run writes for people to read: metrics.jsonl and TensorBoard scalars of the same records,
-results.json, and the check that stops a run on a non-finite loss or gradient.
+results.json, and the check that stops a run on a non-finite loss or gradient or a diverged state.
 
 Host-only (no jax): records are plain Python numbers by the time they arrive here.
 """
@@ -10,9 +10,19 @@ import json
 import math
 import os
 
+# A state whose largest |θ| exceeds this many times the initial parameters' has diverged. Adam
+# moves a parameter by about the learning rate per step, so a healthy run (β ≤ 1e-3) would need
+# ~10⁶ steps to get there; a too-large rate gets there in one.
+DIVERGED_FACTOR = 1e3
+
 
 class NonFiniteLossError(FloatingPointError):
     """A non-finite loss or gradient; the message names the last good checkpoint."""
+
+
+class DivergedError(NonFiniteLossError):
+    """An update that left finite but diverged parameters; the message names the last good
+    checkpoint."""
 
 
 class MetricLog:
@@ -76,14 +86,28 @@ def write_results(workdir: str, results: list[dict]) -> None:
 
 
 def check_finite(scalars: dict[str, float], where: str, last_good: int | None,
-                 ckpt_dir: str) -> None:
-    """Raises NonFiniteLossError when a loss or gradient norm among `scalars` is NaN or ±inf."""
+                 ckpt_dir: str, initial_scale: float | None = None) -> None:
+    """Stops a run before it saves a bad state: NonFiniteLossError when a loss, a gradient norm
+    or the updated state's scale (`state/`, see state.state_scale) is NaN or ±inf; with
+    `initial_scale` (the initial parameters' largest |θ|), DivergedError when the updated
+    parameters' largest |θ| exceeds DIVERGED_FACTOR times it. Both name `last_good`, the newest
+    checkpoint, whose state passed this check when it was made."""
+    good = (f"the last good checkpoint is step {last_good} in {ckpt_dir}; rerunning with the "
+            f"same workdir resumes from it" if last_good is not None
+            else "no checkpoint had been saved yet")
     bad = {k: v for k, v in scalars.items()
-           if (k.startswith("loss/") or k.startswith("grad_norm/")) and not math.isfinite(v)}
+           if k.startswith(("loss/", "grad_norm/", "state/")) and not math.isfinite(v)}
     if bad:
-        good = (f"the last good checkpoint is step {last_good} in {ckpt_dir}; rerunning with the "
-                f"same workdir resumes from it" if last_good is not None
-                else "no checkpoint had been saved yet")
         raise NonFiniteLossError(
             f"non-finite training values at {where}: {bad}. Training stopped; {good}. Lower "
             f"meta.outer_lr / meta.inner_lr or check the data.")
+    if initial_scale is None:
+        return
+    bound = DIVERGED_FACTOR * max(initial_scale, 1e-6)
+    largest = scalars["state/max_abs_param"]
+    if largest > bound:
+        raise DivergedError(
+            f"the parameters diverged at {where}: the update left max |θ| = {largest:.3g}, over "
+            f"{DIVERGED_FACTOR:g}× the initial parameters' {initial_scale:.3g} (loss and "
+            f"gradients were finite). Training stopped; {good}. Lower meta.outer_lr / "
+            f"meta.inner_lr.")

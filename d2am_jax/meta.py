@@ -170,6 +170,7 @@ def make_meta_step(config, placement=None) -> Callable:
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics.update(state_lib.gradient_norms(grads))
+        metrics.update(state_lib.state_scale(params, new_stats))
         new_state = state.replace(
             step=state.step + 1, params=params, batch_stats=new_stats, opt_state=opt_state
         )

@@ -34,6 +34,8 @@ import sys
 
 import numpy as np
 
+from d2am_jax.errors import MissingFileError, UserError
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
 
@@ -57,21 +59,19 @@ class Model:
 
         from d2am_jax import checkpointing
 
-        ckpt = checkpointing.Checkpointer(workdir, 1)
-        which = "best" if ckpt.best_step() is not None else "latest"
-        if ckpt.latest_step() is None and which == "latest":
-            raise FileNotFoundError(f"{workdir}: no checkpoint in {ckpt.best_dir} or "
-                                    f"{ckpt.latest_dir}; train first with d2am_jax.main")
-        step, saved = ckpt.read_meta(which)
+        if not os.path.isdir(workdir):
+            raise MissingFileError(f"--workdir {workdir} does not exist (a training run's "
+                                   f"workdir, as given to d2am_jax.main)")
+        # Read-only: a damaged best/ falls back to checkpoints/, and nothing is written there.
+        which, restored = checkpointing.read_for_prediction(workdir)
+        step, saved = restored.step, restored.meta
         if not saved.get("results"):
-            raise ValueError(f"{workdir}: the {which} checkpoint (step {step}) has no evaluation "
-                             "yet, hence no threshold; let training finish an epoch first")
+            raise UserError(f"{workdir}: the {which} checkpoint (step {step}) has no evaluation "
+                            "yet, hence no threshold; let training finish an epoch first")
         self.config = ml_collections.ConfigDict(saved["config"])
         self.record = saved["results"][-1]
         self.threshold = float(self.record["threshold"])
         self.resolution = int(self.config.data.resolution)
-        restored = ckpt.restore(None, which=which, step=step)
-        ckpt.close()
         self.step, self.which = step, which
         self.params = restored.state["params"]
         self.batch_stats = restored.state["batch_stats"]
@@ -131,13 +131,13 @@ def _collect(items, size: int, face_crop: str, skip_bad: bool) -> Frames:
         videos.append(video)
         labels.append(label)
     if not images:
-        raise ValueError("no frame to score" + (f" ({len(skipped)} skipped)" if skipped else ""))
+        raise UserError("no frame to score" + (f" ({len(skipped)} skipped)" if skipped else ""))
     return Frames(np.stack(images), paths, videos, np.asarray(labels, np.int64), skipped)
 
 
 def frames_from_folder(folder: str, size: int, face_crop: str, skip_bad: bool) -> Frames:
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"--images {folder} is not a folder")
+        raise MissingFileError(f"--images {folder} is not a folder")
     items = []
     for root, dirs, files in os.walk(folder):
         dirs.sort()
@@ -147,13 +147,13 @@ def frames_from_folder(folder: str, size: int, face_crop: str, skip_bad: bool) -
                 rel_dir = os.path.relpath(root, folder)
                 items.append((path, "" if rel_dir == "." else rel_dir, -1, folder))
     if not items:
-        raise ValueError(f"--images {folder}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
+        raise UserError(f"--images {folder}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
     return _collect(items, size, face_crop, skip_bad)
 
 
 def frames_from_manifest(manifest: str, size: int, face_crop: str, skip_bad: bool) -> Frames:
     if not os.path.isfile(manifest):
-        raise FileNotFoundError(f"--manifest {manifest} does not exist")
+        raise MissingFileError(f"--manifest {manifest} does not exist")
     base = os.path.dirname(os.path.abspath(manifest))
     labels = {"live": 1, "spoof": 0}
     items = []
@@ -162,20 +162,20 @@ def frames_from_manifest(manifest: str, size: int, face_crop: str, skip_bad: boo
         reader = csv.DictReader(f)
         header = [h.strip() for h in (reader.fieldnames or [])]
         if "path" not in header:
-            raise ValueError(f"{manifest}:1: header {header} has no 'path' column")
+            raise UserError(f"{manifest}:1: header {header} has no 'path' column")
         reader.fieldnames = header
         for record in reader:
             where = f"{manifest}:{reader.line_num}"
             rel = (record.get("path") or "").strip()
             if not rel:
-                raise ValueError(f"{where}: empty path")
+                raise UserError(f"{where}: empty path")
             label = (record.get("label") or "").strip().lower()
             if label and label not in labels:
-                raise ValueError(f"{where}: unknown label {label!r}, expected 'live' or 'spoof'")
+                raise UserError(f"{where}: unknown label {label!r}, expected 'live' or 'spoof'")
             items.append((os.path.join(base, rel), (record.get("video") or "").strip(),
                            labels.get(label, -1), where))
     if not items:
-        raise ValueError(f"{manifest}: no rows")
+        raise UserError(f"{manifest}: no rows")
     return _collect(items, size, face_crop, skip_bad)
 
 
@@ -183,10 +183,10 @@ def frames_from_video(path: str, size: int, face_crop: str, frames_per_video: in
                       skip_bad: bool) -> Frames:
     from d2am_jax.data import faces
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"--video {path} does not exist")
+        raise MissingFileError(f"--video {path} does not exist")
     frames = faces.read_video_frames(path, frames_per_video)
     if not frames:
-        raise ValueError(f"--video {path}: no frame could be read")
+        raise UserError(f"--video {path}: no frame could be read")
     images, paths, skipped = [], [], []
     for index, rgb in frames:
         where = f"{path} frame {index}"
@@ -199,7 +199,7 @@ def frames_from_video(path: str, size: int, face_crop: str, frames_per_video: in
             continue
         paths.append(f"{path}#{index}")
     if not images:
-        raise ValueError(f"--video {path}: no usable frame ({len(skipped)} skipped)")
+        raise UserError(f"--video {path}: no usable frame ({len(skipped)} skipped)")
     return Frames(np.stack(images), paths, [path] * len(paths),
                   np.full(len(paths), -1, np.int64), skipped)
 
@@ -394,7 +394,7 @@ def main(argv=None) -> int:
                                        args.skip_bad)
         scores = model.scores(frames.images, args.batch_size)
         write_scores(args.out, frames, scores, model.threshold)
-    except (BadItem, FileNotFoundError, ValueError) as e:
+    except (UserError, BadItem) as e:  # the user's input; anything else keeps its traceback
         print(f"error: {e}", file=sys.stderr)
         return 1
     summary = {"out": os.path.abspath(args.out), "frames": len(frames.paths),

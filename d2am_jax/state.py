@@ -115,6 +115,15 @@ def gradient_norms(grads) -> dict[str, jax.Array]:
     return out
 
 
+def state_scale(params, batch_stats) -> dict[str, jax.Array]:
+    """The metrics both training steps report on the state they return (not the one they were
+    given): the largest |θ| and the largest |BatchNorm statistic|, NaN if any value is. The host
+    refuses to save a state whose scale is non-finite or has diverged (logs.check_finite)."""
+    largest = lambda tree: jnp.max(jnp.stack([jnp.max(jnp.abs(x)) for x in jax.tree.leaves(tree)]))
+    return {"state/max_abs_param": largest(params),
+            "state/max_abs_batch_stat": largest(batch_stats)}
+
+
 def make_predict(config) -> JittedStep:
     """`predict(params, batch_stats, x) -> live probability [B]` with running BN statistics
     (evaluation mode); x is uint8 RGB [B, H, W, 3] or float RGB+HSV [B, H, W, 6]."""

@@ -80,8 +80,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     data = sources.load(config, workdir)                             # Algorithm 1 line 1
     ckpt = checkpointing.Checkpointer(workdir, int(config.checkpoint.keep))
     imagenet = ImageNetBank(config, data.train.frames)
-    run, state, pseudo = _start_or_resume(config, ckpt, data.train, imagenet,  # line 2
-                                          placement)
+    run, state, pseudo, initial_scale = _start_or_resume(config, ckpt, data.train,  # line 2
+                                                         imagenet, placement)
     steps = _steps(config, placement)
     sampler = sampler_lib.MetaBatchSampler(
         data.train.frames, data.train.labels, data.train.depth, num_domains=run.k,
@@ -90,7 +90,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     spe, d2am = run.steps_per_epoch, config.method == "d2am"
     total = int(config.num_epochs) * spe
     step = int(jax.device_get(state.step))
-    last_good = step or None                  # the newest checkpoint's step
+    last_good = step or None   # the newest checkpoint's step: its state passed check_finite
     rate, batches = _Rate(), None
     main = placement.is_main_process          # logs, results and the bar come from process 0
     if main:
@@ -119,7 +119,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 runtime.release_host_memory()   # the compiler's freed heap (~1 GB on CPU)
             scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
             logs.check_finite(scalars, f"epoch {epoch + 1} step {in_epoch + 1} (global step "
-                              f"{step + 1})", last_good, ckpt.latest_dir)
+                              f"{step + 1})", last_good, ckpt.latest_dir, initial_scale)
             step += 1
             rate.add(batch["y"].size, time.time() - t0, batches.wait_seconds - waited)
             bar.update(1)
@@ -229,22 +229,31 @@ def _metadata(config, run: RunState) -> dict:
 
 def _start_or_resume(config, ckpt: checkpointing.Checkpointer, train: FasData,
                      imagenet: ImageNetBank, placement: runtime.Placement
-                     ) -> tuple[RunState, state_lib.TrainState, np.ndarray]:
-    """(run record, TrainState replicated on the mesh, pseudo domains): restored from the newest
-    checkpoint, or fresh."""
+                     ) -> tuple[RunState, state_lib.TrainState, np.ndarray, float]:
+    """(run record, TrainState replicated on the mesh, pseudo domains, the initial parameters'
+    largest |θ|): restored from the newest checkpoint, or fresh. The initial state is built
+    either way: it is the fresh run's, the restore's target, and the scale against which
+    divergence is judged."""
+    initial = state_lib.init_state(config, jax.random.PRNGKey(int(config.seed)))
+    initial_scale = max(float(np.max(np.abs(leaf)))
+                        for leaf in jax.tree.leaves(jax.device_get(initial.params)))
     resume_step = ckpt.latest_step()
     if resume_step is None:
         k = resolve_k(config, train, imagenet)
         batch_images = k * int(config.meta.per_domain_batch)
         spe = int(config.steps_per_epoch) or -(-len(train) // batch_images)
         run = RunState(k, spe, [], None, 0, placement.num_devices)
-        state = state_lib.init_state(config, jax.random.PRNGKey(int(config.seed)))
+        state = initial
         pseudo = np.zeros(len(train), np.int32)
     else:
+        # The config first (a changed model would not restore), then the newest checkpoint that
+        # restores: a damaged newer one is moved aside, and the run record is the restored one's.
         _, saved = ckpt.read_meta("latest")
         changed = config_check.resumable_changes(saved["config"], config, ckpt.latest_dir)
         if changed:
             log.warning("resuming with changed config fields %s", changed)
+        restored = ckpt.restore(initial)
+        resume_step, saved = restored.step, restored.meta
         run = RunState(**{f.name: saved[f.name] for f in dataclasses.fields(RunState)})
         if run.devices != placement.num_devices:
             # A different mesh splits each batch differently: BatchNorm and the losses see the
@@ -253,8 +262,6 @@ def _start_or_resume(config, ckpt: checkpointing.Checkpointer, train: FasData,
                 f"{ckpt.latest_dir} was trained on {run.devices} device(s), this run has "
                 f"{placement.num_devices}; resume with the same device count (the global batch "
                 f"is fixed by the config), or use a new workdir")
-        target = state_lib.init_state(config, jax.random.PRNGKey(int(config.seed)))
-        restored = ckpt.restore(target, step=resume_step)
         state, pseudo = restored.state, restored.pseudo_domain
         epoch, in_epoch = divmod(resume_step, run.steps_per_epoch)
         log.info("resumed from %s step %d (epoch %d, step %d of %d)", ckpt.latest_dir,
@@ -263,7 +270,7 @@ def _start_or_resume(config, ckpt: checkpointing.Checkpointer, train: FasData,
     if placement.is_main_process:
         with open(os.path.join(ckpt.workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=1))
-    return run, state, pseudo
+    return run, state, pseudo, initial_scale
 
 
 def resolve_k(config, train: FasData, imagenet: ImageNetBank) -> int:

@@ -2,7 +2,9 @@
 misspelled field fails with its name; docstrings hold the exact command."""
 
 import importlib
+import math
 import os
+import re
 import subprocess
 import sys
 
@@ -11,6 +13,7 @@ import pytest
 from d2am_jax import config_check
 from d2am_jax.configs import default
 from d2am_jax.data.protocols import PAPER_PROTOCOLS
+from d2am_jax.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = ("synthetic", "smoke", "manifest", "protocols")
@@ -94,10 +97,36 @@ def test_bad_nested_value_names_the_field():
         config_check.check(config)
 
 
+@pytest.mark.parametrize("field,value", [
+    ("meta.outer_lr", -1e-4),             # Adam would climb the loss
+    ("meta.inner_lr", -1e-3),
+    ("meta.inner_lr", math.nan),
+    ("meta.outer_lr", math.inf),
+    ("domains.fraction", 0.0),            # no channel left to cluster
+    ("domains.fraction", 1.5),
+    ("domains.algorithm", "kmeans++"),    # failed after the ImageNet pass
+    ("model.bn_epsilon", math.inf),       # every normalised activation 0
+    ("eval.threshold", 1.5),              # threshold_mode='fixed' would call everything spoof
+    ("eval.threshold", math.nan),
+])
+def test_out_of_range_values_name_the_field(field, value):
+    config = _module("smoke").get_config()
+    *parents, leaf = field.split(".")
+    target = config
+    for part in parents:
+        target = target[part]
+    target[leaf] = value
+    with pytest.raises(UserError, match=f"^config.{re.escape(field)}: expected"):
+        config_check.check(config)
+
+
 def test_cli_misspelled_field_fails_with_its_name(tmp_path):
     cmd = [sys.executable, "-m", "d2am_jax.main", "--config", "d2am_jax/configs/smoke.py",
            "--workdir", str(tmp_path / "run"), "--config.meta.inner_lrr=0.1"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0
-    assert "inner_lrr" in proc.stderr
-    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "error: --config.meta.inner_lrr: the config has no field 'inner_lrr' "
+        "(Did you mean \"inner_lr\" instead of \"inner_lrr\"?)"]
+    assert not (tmp_path / "run").exists()

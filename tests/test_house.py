@@ -98,6 +98,45 @@ def test_cli_prints_a_user_mistake_as_one_line(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+def test_cli_missing_config_file_is_one_line(tmp_path):
+    cmd = [sys.executable, "-m", "d2am_jax.main", "--config", "d2am_jax/configs/smok.py",
+           "--workdir", str(tmp_path / "run")]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "error: --config: cannot load the config file: [Errno 2] No such file or directory: "
+        "'d2am_jax/configs/smok.py'"]
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_keeps_the_traceback_of_a_bug_in_a_config_file(tmp_path):
+    (tmp_path / "buggy.py").write_text("def get_config():\n    return object().missing_helper\n")
+    cmd = [sys.executable, "-m", "d2am_jax.main", "--config", str(tmp_path / "buggy.py"),
+           "--workdir", str(tmp_path / "run")]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert proc.returncode != 0
+    assert "Traceback" in proc.stderr and "missing_helper" in proc.stderr
+
+
+def test_cli_a_full_disk_is_one_line(tmp_path):
+    code = ("import sys\n"
+            "from d2am_jax import checkpointing, main, train\n"
+            "def full(config, workdir):\n"
+            "    raise checkpointing.CheckpointWriteError('could not write checkpoint step 4 in "
+            "/run/checkpoints: no space left on device; the last good checkpoint is kept')\n"
+            "train.train_and_evaluate = full\n"
+            "from absl import app\n"
+            "sys.argv = ['main', '--config', 'd2am_jax/configs/smoke.py', '--workdir', 'unused']\n"
+            "app.run(main.main, flags_parser=main.parse_flags)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, timeout=180)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        "error: could not write checkpoint step 4 in /run/checkpoints: no space left on device; "
+        "the last good checkpoint is kept"]
+
+
 def test_cli_keeps_the_traceback_of_a_bug(tmp_path):
     # A data-loading bug stands in for any bug below the CLI: a plain ValueError, not a UserError.
     code = ("import sys\n"

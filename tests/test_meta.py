@@ -49,6 +49,8 @@ def test_traced_once_per_order_across_steps_with_different_data(compiled):
         "grad_norm/D",
         "grad_norm/M",
         "grad_norm/total",
+        "state/max_abs_param",
+        "state/max_abs_batch_stat",
     }
     assert expected == set(metrics)
     assert all(np.ndim(v) == 0 and np.isfinite(v) for v in metrics.values())

@@ -141,6 +141,34 @@ def test_bad_image_fails_naming_it_or_is_skipped_and_counted(workdir, frames, tm
 
 def test_workdir_without_checkpoint_fails_naming_it(tmp_path, frames, capsys):
     Image.fromarray(frames[0]).save(tmp_path / "x.png")
+    (tmp_path / "empty").mkdir()
     assert predict.main(["--workdir", str(tmp_path / "empty"), "--images", str(tmp_path),
                          "--out", str(tmp_path / "s.csv")]) == 1
-    assert "empty" in capsys.readouterr().err
+    err = capsys.readouterr().err.strip()
+    assert "empty" in err and "train first" in err and len(err.splitlines()) == 1
+    assert list((tmp_path / "empty").iterdir()) == []  # no best/ or checkpoints/ left behind
+
+
+def test_missing_workdir_is_refused_and_not_created(tmp_path, frames, capsys):
+    Image.fromarray(frames[0]).save(tmp_path / "x.png")
+    missing = tmp_path / "no_such_run"
+    assert predict.main(["--workdir", str(missing), "--images", str(tmp_path),
+                         "--out", str(tmp_path / "s.csv")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --workdir") and str(missing) in err and "does not exist" in err
+    assert len(err.splitlines()) == 1
+    assert not missing.exists() and not (tmp_path / "s.csv").exists()
+
+
+def test_a_bug_keeps_its_traceback(workdir, frames, tmp_path, monkeypatch):
+    # Only the user's mistakes become one line: a plain ValueError from below is a bug.
+    run, _, _ = workdir
+    Image.fromarray(frames[0]).save(tmp_path / "x.png")
+
+    def broken(*args, **kwargs):
+        raise ValueError("shape mismatch deep inside")
+
+    monkeypatch.setattr(predict, "frames_from_folder", broken)
+    with pytest.raises(ValueError, match="shape mismatch deep inside"):
+        predict.main(["--workdir", run, "--images", str(tmp_path), "--out",
+                      str(tmp_path / "s.csv")])

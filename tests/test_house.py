@@ -70,7 +70,8 @@ def test_evaluation_passes_attack_types_so_acer_is_iso_not_hter():
     target = _fas(live + prints + replays, [1] * 4 + [0] * 8,
                   ["live"] * 4 + ["print"] * 4 + ["replay"] * 4, [f"v{i}" for i in range(12)])
     val = _fas([0.9, 0.1], [1, 0], ["live", "print"], ["a", "b"])
-    predict = lambda params, batch_stats, x: np.asarray(x)[..., 0].mean(axis=(1, 2))
+    # A stand-in for the network: uint8 frames arrive as stored; the score is the red level.
+    predict = lambda params, batch_stats, x: np.asarray(x)[..., 0].mean(axis=(1, 2)) / 255
     state = types.SimpleNamespace(params=None, batch_stats=None)
     config = smoke.get_config()
     config.data.resolution = 8

@@ -50,8 +50,8 @@ def test_a_diverged_update_is_not_saved_and_the_message_names_a_good_checkpoint(
                                                                               monkeypatch):
     real = meta.make_meta_step
 
-    def exploding_make_meta_step(config):
-        step_fn = real(config)
+    def exploding_make_meta_step(config, *args):
+        step_fn = real(config, *args)
         calls = {"n": 0}
 
         def exploding(state, batch, *, second_order):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from conftest import random_meta_batch, tiny_config
 
-from d2am_jax import losses, meta, models
+from d2am_jax import losses, meta, models, runtime
 from d2am_jax import state as state_lib
 
 
@@ -79,9 +79,11 @@ def reference_objective(config, params, batch_stats, batch, key, const_grads, us
 def f64():
     """Float64 setup at α = 0.5 (large, so that the second-order terms are visible).
 
-    α is passed as an array, so one compile serves α = 0.5 and α = 0.
+    α is passed as an array, so one compile serves α = 0.5 and α = 0. Everything here traces
+    under the project's random context (runtime.project_random, as meta_step's jit does), so the
+    MMD prior samples of the objective, the reference and the step are the same numbers.
     """
-    with jax.enable_x64(True):
+    with jax.enable_x64(True), runtime.project_random():
         config = _config(alpha=0.5)
         config.meta.grad_cosine = True
         state = state_lib.init_state(config, jax.random.PRNGKey(0))

@@ -74,6 +74,8 @@ def check(config) -> None:
     need(2 <= dc.k_min <= dc.k_max, "domains.k_min", "2 ≤ k_min ≤ k_max")
     need(dc.n_init >= 1, "domains.n_init", "≥ 1")
     need(dc.stats_batch_size >= 1, "domains.stats_batch_size", "≥ 1")
+    need(dc.min_class_size >= 0, "domains.min_class_size",
+         "≥ 0 samples (0 = meta.per_domain_batch // 2)")
     need(c.pretrained.batch_size >= 1, "pretrained.batch_size", "≥ 1")
     need(c.eval.threshold_mode in metrics.THRESHOLD_MODES, "eval.threshold_mode",
          f"one of {metrics.THRESHOLD_MODES}")

@@ -73,6 +73,10 @@ def get_domains_config() -> ml_collections.ConfigDict:
     c.n_init = 3                   # k-means restarts
     c.algorithm = "auto"           # 'auto' | 'full' | 'minibatch'
     c.stats_batch_size = 64        # images per stats-pass call (one compile)
+    # A pseudo domain whose live or spoof part holds fewer samples than this is reported in the
+    # assignment record ('degenerate_domains') and warned about: its half of every domain batch
+    # repeats those few images. 0 = meta.per_domain_batch // 2 (one half batch).
+    c.min_class_size = 0
     return c
 
 

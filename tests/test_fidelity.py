@@ -1,0 +1,49 @@
+"""Where the implementation follows the paper's letter or its closest code (issue 15): epoch 1's
+joint clusters, degenerate pseudo domains, the entropy head's two readings, the depth head."""
+
+import logging
+import types
+
+import numpy as np
+from conftest import tiny_config
+from test_domains import blobs
+
+from d2am_jax import domains, train
+
+# ----------------------------------------------------------------------------- epoch 1 (Alg. 1)
+
+
+def _train_set(live, domain):
+    return types.SimpleNamespace(labels=live.astype(np.int32), domain=domain, frames=None)
+
+
+class _Bank:
+    def __init__(self, bank):
+        self.bank = bank
+
+    def get(self):
+        return self.bank
+
+
+def test_epoch_one_trains_on_the_joint_clusters_when_each_holds_both_classes():
+    bank, live, domain = blobs(seed=1, noise=2.5)
+    config = tiny_config()
+    labels, record = train.epoch_domains(config, 0, 3, None, None, _train_set(live, domain),
+                                         None, _Bank(bank))
+    assert record["mode"] == "initial" and record["alignment"] == "joint"
+    assert record["pairing_weak"] is False and record["degenerate_domains"] == []
+    joint = domains.initial_assignment(bank, 3, seed=0, is_live=live, per_class=False)
+    np.testing.assert_array_equal(labels, joint.labels)
+
+
+def test_a_domain_with_one_spoof_image_is_reported_against_half_a_domain_batch(caplog):
+    live = np.array([1, 0] * 8 + [1, 1, 1, 0], bool)
+    domain = np.array(["a"] * 8 + ["b"] * 8 + ["c"] * 4)
+    config = tiny_config(per_domain_batch=4)
+    config.domain_labels = "true"
+    with caplog.at_level(logging.WARNING, logger="d2am_jax.domains"):
+        _, record = train.epoch_domains(config, 0, 3, None, None, _train_set(live, domain), None,
+                                        None)
+    assert record["min_class_size"] == 2  # domains.min_class_size = 0: half of 4
+    assert record["degenerate_domains"] == [{"domain": 2, "live": 3, "spoof": 1}]
+    assert any("pseudo domain 2" in r.getMessage() for r in caplog.records)

@@ -94,6 +94,29 @@ def test_bad_nested_value_names_the_field():
         config_check.check(config)
 
 
+@pytest.mark.parametrize("field,value,match", [
+    ("model.entropy_head", "gradient_reversal", "config.model.entropy_head"),
+    ("model.pool_window", 4, "config.model.pool_window"),
+    ("domains.min_class_size", -1, "config.domains.min_class_size"),
+])
+def test_bad_fidelity_fields_name_the_field(field, value, match):
+    config = _module("smoke").get_config()
+    group, name = field.split(".")
+    config[group][name] = value
+    with pytest.raises(ValueError, match=match):
+        config_check.check(config)
+
+
+def test_rfm_pool_needs_a_resolution_divisible_by_8():
+    config = _module("smoke").get_config()
+    config.model.pool_window = 2
+    config.data.resolution = 36
+    with pytest.raises(ValueError, match="config.data.resolution"):
+        config_check.check(config)
+    config.data.resolution = 32
+    config_check.check(config)
+
+
 def test_cli_misspelled_field_fails_with_its_name(tmp_path):
     cmd = [sys.executable, "-m", "d2am_jax.main", "--config", "d2am_jax/configs/smoke.py",
            "--workdir", str(tmp_path / "run"), "--config.meta.inner_lrr=0.1"]

@@ -4,11 +4,14 @@ joint clusters, degenerate pseudo domains, the entropy head's two readings, the 
 import logging
 import types
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 from conftest import tiny_config
 from test_domains import blobs
 
-from d2am_jax import domains, train
+from d2am_jax import domains, losses, models, train
 
 # ----------------------------------------------------------------------------- epoch 1 (Alg. 1)
 
@@ -47,3 +50,43 @@ def test_a_domain_with_one_spoof_image_is_reported_against_half_a_domain_batch(c
     assert record["min_class_size"] == 2  # domains.min_class_size = 0: half of 4
     assert record["degenerate_domains"] == [{"domain": 2, "live": 3, "spoof": 1}]
     assert any("pseudo domain 2" in r.getMessage() for r in caplog.records)
+
+
+# ----------------------------------------------------------------------------- entropy head
+
+
+def _wp_norm_after_training(head, steps=200):
+    """‖W_p‖ before and after Adam on one DRLM's parameters (W1, W2, W_p) with λ_p-free
+    L_p + head cross-entropy (losses.drlm_terms, what meta.py and erm.py add), on feature maps
+    whose first two channels carry liveness."""
+    rng = np.random.default_rng(0)
+    y = (np.arange(32) % 2).astype(np.float32)
+    f = rng.random((32, 4, 4, 8)).astype(np.float32)
+    f[..., :2] += y[:, None, None, None]
+    f, y = jnp.asarray(f), jnp.asarray(y)
+    drlm = models.DRLM(reduction=4, entropy_head=head)
+    params = drlm.init(jax.random.PRNGKey(0), f)["params"]
+    tx = optax.adam(0.02)
+
+    def loss(p):
+        return sum(losses.drlm_terms([drlm.apply({"params": p}, f)[1]], y))
+
+    def step(carry, _):
+        p, opt = carry
+        updates, opt = tx.update(jax.grad(loss)(p), opt)
+        return (optax.apply_updates(p, updates), opt), None
+
+    trained, _ = jax.jit(lambda p: jax.lax.scan(step, (p, tx.init(p)), None, steps)[0])(
+        params)
+    norm = lambda p: float(jnp.linalg.norm(p["Wp"]["kernel"]))  # noqa: E731
+    return norm(params), norm(trained)
+
+
+def test_paper_head_shrinks_wp_and_adversarial_head_does_not():
+    initial, paper = _wp_norm_after_training("paper")
+    same, adversarial = _wp_norm_after_training("adversarial")
+    assert same == initial
+    # L_p's only pull on W_p is toward 0 (P → ½ whatever F⁻ holds) ...
+    assert paper < 0.75 * initial, (initial, paper)
+    # ... while the adversarial W_p learns to read liveness from F⁻.
+    assert adversarial > 2 * initial, (initial, adversarial)

@@ -60,6 +60,7 @@ def test_paper_protocols_at_paper_scale(protocol):
     assert (config.meta.inner_lr, config.meta.outer_lr) == (1e-3, 1e-4)
     assert (config.meta.lambda_p, config.meta.lambda_m) == (0.1, 0.05)
     assert config.meta.num_domains == 3
+    assert config.meta.per_domain_batch == 20  # RFM's 10 live + 10 spoof per domain
 
 
 def test_unknown_protocol_names_the_choices():

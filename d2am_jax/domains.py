@@ -569,7 +569,9 @@ def initial_assignment(
       False    — the joint clusters or a ValueError;  True — the per-class alignment always.
     With is_live the record also says how well the two agree ('pairing_agreement': per class, the
     share of samples whose per-class label equals the joint one; 'pairing_weak' below
-    WEAK_PAIRING_BELOW), i.e. how much of the joint pairing per-class clustering keeps.
+    WEAK_PAIRING_BELOW), i.e. how much of the joint pairing per-class clustering keeps; its
+    nmi_previous / agreement_previous compare the labels used with the joint clustering (1.0 when
+    they are the joint clusters).
     """
     x = standardized(imagenet_bank)
     n = x.shape[0]
@@ -607,7 +609,7 @@ def initial_assignment(
                 _cluster_sizes(joint, live, k), pairing["pairing_agreement"]["live"],
                 pairing["pairing_agreement"]["spoof"])
     diagnostics = assignment_diagnostics(
-        x, labels, k, is_live=live, prev_labels=joint if alignment != "joint" else None,
+        x, labels, k, is_live=live, prev_labels=None if live is None else joint,
         true_domain=true_codes, seed=seed, mmd_sample_size=mmd_sample_size,
         min_class_size=min_class_size,
     )

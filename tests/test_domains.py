@@ -163,6 +163,7 @@ def test_joint_clusters_holding_both_classes_are_used_as_they_are(caplog):
         auto = dm.initial_assignment(bank, 3, seed=0, is_live=live)
     np.testing.assert_array_equal(auto.labels, joint.labels)
     assert auto.diagnostics["alignment"] == "joint" and not caplog.records
+    assert auto.diagnostics["agreement_previous"] == 1.0  # the labels vs the joint clustering
     assert auto.diagnostics["pairing_weak"] is False
     assert min(auto.diagnostics["pairing_agreement"].values()) > 0.9
 

@@ -599,6 +599,8 @@ def initial_assignment(
         aligned, class_splits = _per_class_labels(x, live, k, joint, seed, n_init, algorithm)
         splits.update(class_splits)
         pairing = _pairing(aligned, joint, live)
+        if pairing["pairing_weak"]:
+            log.warning("epoch 1: %s", pairing["pairing_note"])
         if per_class is True or lacking:
             labels, alignment = aligned, "per_class_to_joint"
         if lacking and per_class == "auto":

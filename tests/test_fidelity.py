@@ -11,7 +11,8 @@ import optax
 from conftest import tiny_config
 from test_domains import blobs
 
-from d2am_jax import domains, losses, models, train
+from d2am_jax import domains, erm, losses, models, train
+from d2am_jax import state as state_lib
 
 # ----------------------------------------------------------------------------- epoch 1 (Alg. 1)
 
@@ -90,3 +91,15 @@ def test_paper_head_shrinks_wp_and_adversarial_head_does_not():
     assert paper < 0.75 * initial, (initial, paper)
     # ... while the adversarial W_p learns to read liveness from F⁻.
     assert adversarial > 2 * initial, (initial, adversarial)
+
+
+def test_erm_loss_carries_the_entropy_head_and_drlm_diagnostics():
+    """The ERM baseline adds the same head term (traced only: shapes, no compile)."""
+    config = tiny_config()
+    config.model.entropy_head = "adversarial"
+    params = jax.eval_shape(lambda: state_lib.init_state(config, jax.random.PRNGKey(0)))
+    n, r = 8, config.data.resolution
+    batch = {"x": jnp.zeros((n, r, r, 6)), "y": jnp.zeros(n), "depth": jnp.zeros((n, 4, 4))}
+    _, (_, metrics) = jax.eval_shape(erm.make_loss(config), params.params, params.batch_stats,
+                                     batch, jax.random.PRNGKey(0))
+    assert {"loss/entropy_head", "drlm/p_margin_3", "drlm/wp_norm_3"} <= set(metrics)

@@ -14,6 +14,8 @@ from d2am_jax.data.sources import DATA_NAMES
 from d2am_jax.errors import UserError
 
 METHODS = ("d2am", "erm")
+ENTROPY_HEADS = ("paper", "adversarial")   # model.entropy_head (models.DRLM)
+POOL_WINDOWS = (3, 2)                      # model.pool_window (models.max_pool)
 BEST_METRICS = {"val_eer": "min", "val_auc": "max"}
 # Config fields a resumed run may change: how long it runs and how it logs, how its input is
 # read (speed and memory only, never a number), and the learning rates (the way out after a
@@ -61,6 +63,13 @@ def check(config) -> None:
          "a multiplier that leaves E's 64-channel layer at least one channel (≥ 0.0079)")
     need(c.model.drlm_reduction >= 1, "model.drlm_reduction", "τ ≥ 1")
     need(c.model.adaptation_dim >= 1, "model.adaptation_dim", "≥ 1")
+    need(c.model.entropy_head in ENTROPY_HEADS, "model.entropy_head",
+         f"one of {ENTROPY_HEADS}")
+    need(c.model.pool_window in POOL_WINDOWS, "model.pool_window",
+         f"one of {POOL_WINDOWS} (3: SSDG's 3×3/2 pad 1, 2: RFM's 2×2/2)")
+    if c.model.pool_window == 2:
+        need(d.resolution % 8 == 0, "data.resolution",
+             "a multiple of 8 with model.pool_window=2 (three 2×2 pools must divide it)")
     need(0.0 <= c.model.bn_momentum < 1.0, "model.bn_momentum", "a number in [0, 1)")
     need(_finite(c.model.bn_epsilon) and c.model.bn_epsilon > 0, "model.bn_epsilon",
          "a finite number > 0")
@@ -81,6 +90,8 @@ def check(config) -> None:
     need(2 <= dc.k_min <= dc.k_max, "domains.k_min", "2 ≤ k_min ≤ k_max")
     need(dc.n_init >= 1, "domains.n_init", "≥ 1")
     need(dc.stats_batch_size >= 1, "domains.stats_batch_size", "≥ 1")
+    need(dc.min_class_size >= 0, "domains.min_class_size",
+         "≥ 0 samples (0 = meta.per_domain_batch // 2)")
     need(c.pretrained.batch_size >= 1, "pretrained.batch_size", "≥ 1")
     need(c.eval.threshold_mode in metrics.THRESHOLD_MODES, "eval.threshold_mode",
          f"one of {metrics.THRESHOLD_MODES}")

@@ -14,7 +14,9 @@ One epoch (``assign``):
      previous labels of the same class), so that live cluster k and spoof cluster k form pseudo
      domain k and labels do not shift more than the data demands.
 Epoch 1 (``initial_assignment``): one joint k-means of ImageNet-CNN features fixes the labels and
-hence the live/spoof pairing for the later epochs.
+hence the live/spoof pairing for the later epochs; only where a joint cluster lacks a class are
+the per-class clusters aligned to it used instead (with a warning). Every assignment reports the
+pseudo domains whose live or spoof part is below ``min_class_size`` ('degenerate_domains').
 
 Label identity never depends on the arbitrary numbering k-means returns: every partition is first
 renumbered canonically (larger clusters first, ties by their first member's row), then aligned.
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -34,6 +37,8 @@ from sklearn.cluster import KMeans, MiniBatchKMeans
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import normalized_mutual_info_score, pairwise_distances, silhouette_score
 from threadpoolctl import threadpool_limits  # a dependency of scikit-learn
+
+log = logging.getLogger(__name__)
 
 SELECT_MODES = ("dataset", "sample", "none")
 ALGORITHMS = ("auto", "full", "minibatch")
@@ -51,6 +56,10 @@ MINIBATCH_BATCH_SIZE = 4096
 POLISH_ITERATIONS = 20
 # Below this many values (rows × features) k-means runs on one thread (see _threads_for).
 SINGLE_THREAD_BELOW = 1_000_000
+# Epoch 1: the live/spoof pairing is called weak when, in either class, fewer than this share of
+# samples keep their joint-cluster label under the per-class clustering aligned to it (chance is
+# about 1/K); epoch 2 clusters per class and aligns to epoch 1, so a weak pairing there is lost.
+WEAK_PAIRING_BELOW = 0.5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -459,6 +468,7 @@ def assign(
     algorithm: str = "auto",
     true_domain=None,
     mmd_sample_size: int = 2000,
+    min_class_size: int = 1,
 ) -> AssignResult:
     """Pseudo domains for one epoch (Algorithm 1 line 7): per-class k-means, Kuhn–Munkres aligned.
 
@@ -470,7 +480,8 @@ def assign(
     algorithm: 'full' (KMeans), 'minibatch' (MiniBatchKMeans, its centres then refined by at most
     POLISH_ITERATIONS full Lloyd passes) or 'auto' (minibatch only when a class exceeds
     MINIBATCH_ABOVE values). true_domain: optional [n] dataset/domain names, for
-    diagnostics only. The result depends only on the inputs and seed.
+    diagnostics only. min_class_size: see ``assignment_diagnostics``. The result depends only on
+    the inputs and seed.
     """
     x = standardized(bank)
     n = x.shape[0]
@@ -485,7 +496,7 @@ def assign(
     labels, splits = _per_class_labels(x, live, k, previous, seed, n_init, algorithm)
     diagnostics = assignment_diagnostics(
         x, labels, k, is_live=live, prev_labels=previous, true_domain=true_codes, seed=seed,
-        mmd_sample_size=mmd_sample_size,
+        mmd_sample_size=mmd_sample_size, min_class_size=min_class_size,
     )
     diagnostics.update(
         mode="pseudo",
@@ -540,18 +551,27 @@ def initial_assignment(
     n_init: int = 3,
     algorithm: str = "auto",
     is_live=None,
-    per_class: bool = False,
+    per_class: bool | str = "auto",
     true_domain=None,
     mmd_sample_size: int = 2000,
+    min_class_size: int = 1,
 ) -> AssignResult:
     """Epoch-1 pseudo domains: one JOINT k-means of ImageNet-CNN features (live and spoof together).
 
     The paper clusters all samples jointly in the first epoch "for correct positive and negative
-    domain matching"; these labels are the prev_labels of epoch 2. Domains are numbered
-    canonically (largest first). With is_live given, a joint cluster that holds no live or no spoof
-    sample cannot feed balanced meta-batches: that is a ValueError unless per_class=True, the
-    documented fallback that clusters each class separately and aligns it to the joint clusters
-    with Kuhn–Munkres (as ``assign`` does with prev_labels), so every domain gets both classes.
+    domain matching" (Algorithm 1 line 5); these labels are the prev_labels of epoch 2. Domains are
+    numbered canonically (largest first). With is_live given, a joint cluster that holds no live
+    or no spoof sample cannot feed balanced meta-batches; per_class says what then:
+      'auto' (default) — the joint clusters as they are when every one holds both classes;
+                 otherwise each class is clustered separately and aligned to the joint clusters
+                 with Kuhn–Munkres (as ``assign`` does with prev_labels), with a warning that
+                 names the joint cluster sizes;
+      False    — the joint clusters or a ValueError;  True — the per-class alignment always.
+    With is_live the record also says how well the two agree ('pairing_agreement': per class, the
+    share of samples whose per-class label equals the joint one; 'pairing_weak' below
+    WEAK_PAIRING_BELOW), i.e. how much of the joint pairing per-class clustering keeps; its
+    nmi_previous / agreement_previous compare the labels used with the joint clustering (1.0 when
+    they are the joint clusters).
     """
     x = standardized(imagenet_bank)
     n = x.shape[0]
@@ -560,7 +580,9 @@ def initial_assignment(
     n_init = _checked_positive_int(n_init, "n_init")
     live = None if is_live is None else _checked_is_live(is_live, n)
     true_codes = None if true_domain is None else _true_domain_codes(true_domain, n)[0]
-    if per_class and live is None:
+    if per_class not in (True, False, "auto"):
+        raise ValueError(f"per_class: expected True, False or 'auto', got {per_class!r}")
+    if per_class is True and live is None:
         raise ValueError("per_class=True needs is_live to cluster each class separately")
     if n < k:
         raise ValueError(f"imagenet_bank: {n} samples, fewer than K={k}")
@@ -568,36 +590,72 @@ def initial_assignment(
     joint, joint_splits = _clusters(
         x, k, seed=_seed_for(seed, 2), n_init=n_init, algorithm=algorithm, name="all"
     )
-    labels, splits = joint, {"all": joint_splits}
-    if live is not None and per_class:
+    labels, splits, alignment, pairing = joint, {"all": joint_splits}, "joint", {}
+    if live is not None:
+        lacking = _domains_lacking_a_class(joint, live, k)
+        if lacking and per_class is False:
+            _check_every_domain_has_both_classes(joint, live, k, "the joint ImageNet clustering")
         _checked_class_sizes(live, k)
-        labels, class_splits = _per_class_labels(x, live, k, joint, seed, n_init, algorithm)
+        aligned, class_splits = _per_class_labels(x, live, k, joint, seed, n_init, algorithm)
         splits.update(class_splits)
-    elif live is not None:
-        _check_every_domain_has_both_classes(joint, live, k, "the joint ImageNet clustering")
+        pairing = _pairing(aligned, joint, live)
+        if pairing["pairing_weak"]:
+            log.warning("epoch 1: %s", pairing["pairing_note"])
+        if per_class is True or lacking:
+            labels, alignment = aligned, "per_class_to_joint"
+        if lacking and per_class == "auto":
+            log.warning(
+                "epoch 1: the joint ImageNet clustering gives domains %s no live or no spoof "
+                "sample (sizes [live, spoof] per domain: %s); using per-class clusters aligned to "
+                "it instead (agreement with the joint labels: live %.2f, spoof %.2f)", lacking,
+                _cluster_sizes(joint, live, k), pairing["pairing_agreement"]["live"],
+                pairing["pairing_agreement"]["spoof"])
     diagnostics = assignment_diagnostics(
-        x, labels, k, is_live=live, prev_labels=joint if per_class else None,
+        x, labels, k, is_live=live, prev_labels=None if live is None else joint,
         true_domain=true_codes, seed=seed, mmd_sample_size=mmd_sample_size,
+        min_class_size=min_class_size,
     )
     diagnostics.update(
         mode="initial",
         algorithm=algorithm,
-        alignment="per_class_to_joint" if per_class else "joint",
+        alignment=alignment,
         empty_cluster_splits=splits,
+        joint_cluster_sizes=None if live is None else _cluster_sizes(joint, live, k),
+        **pairing,
     )
     return AssignResult(labels.astype(np.int32), diagnostics)
+
+
+def _domains_lacking_a_class(labels: np.ndarray, live: np.ndarray, k: int) -> list[int]:
+    return [d for d, (n_live, n_spoof) in enumerate(_cluster_sizes(labels, live, k))
+            if n_live == 0 or n_spoof == 0]
+
+
+def _pairing(aligned: np.ndarray, joint: np.ndarray, live: np.ndarray) -> dict[str, Any]:
+    """How much of the joint clustering's live/spoof pairing the per-class clustering keeps."""
+    agreement = {name: float(np.mean(aligned[mask] == joint[mask]))
+                 for name, mask in (("live", live), ("spoof", ~live))}
+    weak = min(agreement.values()) < WEAK_PAIRING_BELOW
+    out: dict[str, Any] = {"pairing_agreement": agreement, "pairing_weak": bool(weak)}
+    if weak:
+        out["pairing_note"] = (
+            f"weak live/spoof pairing: per-class clusters agree with the joint ImageNet clusters "
+            f"on {agreement['live']:.2f} of live and {agreement['spoof']:.2f} of spoof samples "
+            f"(below {WEAK_PAIRING_BELOW}); live domain j and spoof domain j may not share a scene"
+        )
+    return out
 
 
 def _check_every_domain_has_both_classes(
     labels: np.ndarray, live: np.ndarray, k: int, source: str
 ) -> None:
     sizes = _cluster_sizes(labels, live, k)
-    lacking = [d for d, (n_live, n_spoof) in enumerate(sizes) if n_live == 0 or n_spoof == 0]
+    lacking = _domains_lacking_a_class(labels, live, k)
     if lacking:
         raise ValueError(
             f"{source} gives domains {lacking} no live or no spoof sample (sizes [live, spoof] "
             f"per domain: {sizes}); balanced meta-batches need both. For the initial assignment, "
-            f"per_class=True clusters each class and aligns it to the joint clusters"
+            f"per_class='auto' or True clusters each class and aligns it to the joint clusters"
         )
 
 
@@ -652,6 +710,7 @@ def domain_labels(
     n_init: int = 3,
     algorithm: str = "auto",
     mmd_sample_size: int = 2000,
+    min_class_size: int = 1,
 ) -> AssignResult:
     """Domain labels for one epoch under the ablation switch (paper Table 3).
 
@@ -674,6 +733,7 @@ def domain_labels(
         return assign(
             bank, is_live, k, prev_labels=prev_labels, seed=epoch_seed, n_init=n_init,
             algorithm=algorithm, true_domain=true_domain, mmd_sample_size=mmd_sample_size,
+            min_class_size=min_class_size,
         )
     x = None if bank is None else standardized(bank)
     n = x.shape[0] if x is not None else _num_samples(is_live)
@@ -692,7 +752,7 @@ def domain_labels(
     previous = None if prev_labels is None else _checked_labels(prev_labels, n, k, "prev_labels")
     diagnostics = assignment_diagnostics(
         x, labels, k, is_live=live, prev_labels=previous, true_domain=true_codes,
-        seed=epoch_seed, mmd_sample_size=mmd_sample_size,
+        seed=epoch_seed, mmd_sample_size=mmd_sample_size, min_class_size=min_class_size,
     )
     diagnostics.update(mode=mode, algorithm=None, alignment=None, empty_cluster_splits=None)
     if mode == "true":
@@ -741,10 +801,14 @@ def assignment_diagnostics(
     true_domain: np.ndarray | None,
     seed: int,
     mmd_sample_size: int = 2000,
+    min_class_size: int = 1,
 ) -> dict[str, Any]:
     """Per-epoch numbers for logging (paper Fig. 7), all JSON-ready.
 
     cluster_sizes: per domain [live, spoof] (None without is_live); domain_sizes: per domain;
+    degenerate_domains: [{domain, live, spoof}] for each domain whose live or spoof part holds
+    fewer than min_class_size samples (each logged as a warning: the sampler fills its half of a
+    domain batch with repeats of those few); None without is_live;
     nmi_previous / agreement_previous: NMI and fraction of equal labels vs prev_labels;
     nmi_true_domain: NMI vs the true domains; mmd2_pseudo / mmd2_true: mean over domain pairs of
     the unbiased MMD² between domains (Gaussian kernel, median-heuristic bandwidth shared by both,
@@ -754,6 +818,8 @@ def assignment_diagnostics(
         "k": int(k),
         "domain_sizes": np.bincount(labels, minlength=k).tolist(),
         "cluster_sizes": None if is_live is None else _cluster_sizes(labels, is_live, k),
+        "min_class_size": int(min_class_size),
+        "degenerate_domains": None,
         "nmi_previous": None,
         "agreement_previous": None,
         "nmi_true_domain": None,
@@ -763,6 +829,9 @@ def assignment_diagnostics(
         "mmd2_true_pairs": None,
         "mmd_gamma": None,
     }
+    if is_live is not None:
+        diagnostics["degenerate_domains"] = _degenerate(diagnostics["cluster_sizes"],
+                                                        min_class_size)
     if prev_labels is not None:
         diagnostics["nmi_previous"] = float(normalized_mutual_info_score(prev_labels, labels))
         diagnostics["agreement_previous"] = float(np.mean(prev_labels == labels))
@@ -779,6 +848,18 @@ def assignment_diagnostics(
                                   seed=seed)
         diagnostics["mmd2_true"], diagnostics["mmd2_true_pairs"] = mean, pairs.tolist()
     return diagnostics
+
+
+def _degenerate(cluster_sizes: list[list[int]], min_class_size: int) -> list[dict[str, int]]:
+    """The domains with fewer than min_class_size live or spoof samples, each warned about."""
+    out = [{"domain": d, "live": n_live, "spoof": n_spoof}
+           for d, (n_live, n_spoof) in enumerate(cluster_sizes)
+           if min(n_live, n_spoof) < min_class_size]
+    for entry in out:
+        log.warning("pseudo domain %d has %d live and %d spoof samples, fewer than "
+                    "min_class_size=%d in one class: its domain batches repeat those samples",
+                    entry["domain"], entry["live"], entry["spoof"], min_class_size)
+    return out
 
 
 def median_heuristic_gamma(x: np.ndarray, *, seed: int, sample_size: int = 1000) -> float:

@@ -1,7 +1,8 @@
 """The ERM baseline for comparisons: D²AM's network and losses on the pooled source batch, one plain
 Adam step per batch — no inner step, no meta-train/meta-test split, no pseudo domains.
 
-Loss: L_cls (Eq. 8) + λ_m L_MMD (Eq. 9) + L_dep (Eq. 10) + λ_p L_p (Eq. 7), all on the same batch.
+Loss: L_cls (Eq. 8) + λ_m L_MMD (Eq. 9) + L_dep (Eq. 10) + λ_p L_p (Eq. 7), all on the same batch
+(with λ_p · the entropy head's cross-entropy under model.entropy_head='adversarial').
 """
 
 from collections.abc import Callable, Mapping
@@ -68,13 +69,13 @@ def make_loss(config) -> Callable:
         l_cls = losses.classification(logit, y)
         l_mmd = losses.mmd_to_prior(h, prior, bandwidths)
         l_dep = losses.depth(pred, depth)
-        l_p = losses.domain_entropy([s["p_logit"] for s in drlm])
-        total = l_cls + mc.lambda_m * l_mmd + l_dep + mc.lambda_p * l_p
+        l_p, l_head = losses.drlm_terms(drlm, y)  # head: 0 unless model.entropy_head='adversarial'
+        total = l_cls + mc.lambda_m * l_mmd + l_dep + mc.lambda_p * (l_p + l_head)
         new_stats = {"E": new_e["batch_stats"], "D": new_d["batch_stats"],
                      "M": new_m["batch_stats"]}
         metrics = {"loss/total": total, "loss/cls": l_cls, "loss/mmd": l_mmd,
-                   "loss/depth": l_dep, "loss/entropy": l_p,
-                   "acc/train": jnp.mean((logit > 0) == (y > 0.5))}
+                   "loss/depth": l_dep, "loss/entropy": l_p, "loss/entropy_head": l_head,
+                   "acc/train": jnp.mean((logit > 0) == (y > 0.5)), **losses.drlm_metrics(drlm)}
         return total, (new_stats, metrics)
 
     return runtime.with_project_random(loss)

@@ -1,5 +1,5 @@
 """D²AM's loss terms as pure functions of arrays: L_cls (Eq. 8), L_MMD (Eq. 9), L_dep (Eq. 10),
-L_p (Eq. 7).
+L_p (Eq. 7) and the adversarial entropy head's cross-entropy.
 
 Each returns a scalar mean over the batch (the paper writes sums; means keep α and β independent of
 the batch size).
@@ -56,3 +56,31 @@ def domain_entropy(p_logits: Sequence[jax.Array]) -> jax.Array:
         log_p, log_q = jax.nn.log_sigmoid(logit), jax.nn.log_sigmoid(-logit)
         total = total + jnp.mean(jnp.exp(log_p) * log_p + jnp.exp(log_q) * log_q)
     return total
+
+
+def entropy_head_bce(head_logits: Sequence[jax.Array], labels: jax.Array) -> jax.Array:
+    """model.entropy_head='adversarial': W_p's own loss, summed over the DRLMs — binary
+    cross-entropy of W_p pool(F⁻) against liveness (label 1 = live), F⁻ held fixed by the DRLM."""
+    total = 0.0
+    for logit in head_logits:
+        total = total + classification(logit, labels)
+    return total
+
+
+def drlm_terms(drlm: Sequence[dict], labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(L_p, the head's cross-entropy) of one batch's DRLM outputs; the latter is 0 under
+    model.entropy_head='paper' (no 'head_logit'). Both enter the total as λ_p · (L_p + head)."""
+    l_p = domain_entropy([s["p_logit"] for s in drlm])
+    if "head_logit" not in drlm[0]:
+        return l_p, jnp.zeros_like(l_p)
+    return l_p, entropy_head_bce([s["head_logit"] for s in drlm], labels)
+
+
+def drlm_metrics(drlm: Sequence[dict]) -> dict[str, jax.Array]:
+    """Per DRLM j = 1..3: mean |P − ½| over the batch and ‖W_p‖ — whether L_p (Eq. 7) still has a
+    P away from ½ to press on, and whether it got there by shrinking W_p (logged every step)."""
+    out = {}
+    for j, s in enumerate(drlm, start=1):
+        out[f"drlm/p_margin_{j}"] = jnp.mean(jnp.abs(jax.nn.sigmoid(s["p_logit"]) - 0.5))
+        out[f"drlm/wp_norm_{j}"] = s["wp_norm"]
+    return out

@@ -49,8 +49,10 @@ def make_objective(config) -> Callable:
     total.
 
     Terms that do not depend on a module give it no gradient, so ∇J gives exactly Eq. 11 (θ_M),
-    12 (θ_E) and 13 (θ_D). `inner_lr` (α) defaults to the config's; passing it as an array lets a
-    study sweep α without recompiling.
+    12 (θ_E) and 13 (θ_D). Under model.entropy_head='adversarial' the total also holds λ_p · the
+    head's cross-entropy, whose only gradient is on W_p (the DRLM stops it into F⁻), while L_p's
+    gradient on W_p is stopped: one total still serves every parameter. `inner_lr` (α) defaults
+    to the config's; passing it as an array lets a study sweep α without recompiling.
     """
     E, D, M = models.build_modules(config.model)
     mc = config.meta
@@ -95,10 +97,14 @@ def make_objective(config) -> Callable:
         )
         per_domain = lambda a: a.reshape(k, b, *a.shape[1:])
         feat, depth_pred = per_domain(feat), per_domain(depth_pred)
-        p_logits = [per_domain(s["p_logit"]) for s in drlm]
         l_dep = jnp.sum(jax.vmap(losses.depth)(depth_pred, depth))  # Σ over all K batches
-        train_p_logits = [p[: k - 1] for p in p_logits]
-        l_p = jnp.sum(jax.vmap(lambda *ps: losses.domain_entropy(ps))(*train_p_logits))
+        # L_p on the meta-train batches B_i (Eq. 12), with the adversarial head's cross-entropy
+        # (model.entropy_head; 0 under 'paper') on the same batches.
+        train_drlm = [
+            {key: per_domain(s[key])[: k - 1] for key in ("p_logit", "head_logit") if key in s}
+            for s in drlm
+        ]
+        l_p, l_head = (jnp.sum(t) for t in jax.vmap(losses.drlm_terms)(train_drlm, y[: k - 1]))
 
         keys = jax.random.split(key, 2 * (k - 1)).reshape(k - 1, 2, -1)
         feat_t, y_t = feat[k - 1], y[k - 1]
@@ -118,7 +124,7 @@ def make_objective(config) -> Callable:
         per_domain = [meta_train_and_test(feat[i], y[i], keys[i]) for i in range(k - 1)]
         stack = lambda *xs: jax.tree.map(lambda *a: jnp.stack(a), *xs)
         loss_tr, aux_tr, loss_te, aux_te = stack(*per_domain)
-        total = jnp.sum(loss_tr) + jnp.sum(loss_te) + l_dep + mc.lambda_p * l_p
+        total = jnp.sum(loss_tr) + jnp.sum(loss_te) + l_dep + mc.lambda_p * (l_p + l_head)
 
         mean0 = lambda t: jax.tree.map(lambda a: jnp.mean(a, axis=0), t)
         # E's and D's running statistics already average the K domain batches' moments.
@@ -131,6 +137,8 @@ def make_objective(config) -> Callable:
             "loss/mmd_meta_test": jnp.mean(aux_te[1]),
             "loss/depth": l_dep / k,
             "loss/entropy": l_p / (k - 1),
+            "loss/entropy_head": l_head / (k - 1),
+            **losses.drlm_metrics(drlm),
             "acc/meta_train": jnp.mean(aux_tr[2]),
             "acc/meta_test": jnp.mean(aux_te[2]),
         }

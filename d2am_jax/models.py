@@ -121,11 +121,40 @@ class ConvBNReLU(nn.Module):
         return nn.relu(x)
 
 
-def max_pool(x, fast_grad: bool = False):
-    """3×3 window, stride 2, padding 1 (RFM's MaxPool2d(3, 2, 1)): halves H and W."""
+def max_pool(x, fast_grad: bool = False, window: int = 3):
+    """Stride-2 max-pool that halves H and W; `window` (config.model.pool_window):
+
+    3: 3×3, padding 1, H → ⌈H/2⌉ — SSDG's MaxPool2d(3, 2, 1) (its MADDG backbone,
+       models/DGFAS.py), this project's default since its first version;
+    2: 2×2, no padding, H → ⌊H/2⌋ — RFM's MaxPool2d(2) (models/DGFANet.py), the layer table D²AM
+       builds on. A max over a reshape: differentiable to any order with no select-and-scatter.
+    """
+    if window == 2:
+        n, h, w, c = x.shape
+        x = x[:, : h - h % 2, : w - w % 2]
+        return jnp.max(x.reshape(n, h // 2, 2, w // 2, 2, c), axis=(2, 4))
     if fast_grad:
         return ops.max_pool_3x3_s2(x)
     return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+
+def adaptive_avg_pool(f: jax.Array, size: tuple[int, int]) -> jax.Array:
+    """PyTorch's adaptive_avg_pool2d on NHWC: output cell i averages input rows
+    ⌊i·H/h⌋ … ⌈(i+1)·H/h⌉ − 1 (likewise columns), so every input pixel counts, as in RFM's depth
+    head (F.adaptive_avg_pool2d(dx, 32)); two small averaging matrices, exact and cheap."""
+    rows = _averaging_matrix(f.shape[1], size[0], f.dtype)
+    cols = _averaging_matrix(f.shape[2], size[1], f.dtype)
+    return jnp.einsum("ih,jw,nhwc->nijc", rows, cols, f)
+
+
+def _averaging_matrix(n_in: int, n_out: int, dtype) -> jax.Array:
+    """[n_out, n_in]: row i holds 1/len on the bins of adaptive average pooling, 0 elsewhere."""
+    matrix = [[0.0] * n_in for _ in range(n_out)]
+    for i in range(n_out):
+        start, stop = (i * n_in) // n_out, -((-(i + 1) * n_in) // n_out)
+        for j in range(start, stop):
+            matrix[i][j] = 1.0 / (stop - start)
+    return jnp.asarray(matrix, dtype)
 
 
 def instance_stats(f: jax.Array, eps: float = 1e-5) -> tuple[jax.Array, jax.Array]:
@@ -140,10 +169,16 @@ class DRLM(nn.Module):
 
     a = σ(W2 ReLU(W1 pool(F))) splits F into F⁺ = a·F (passed on) and F⁻ = (1−a)·F, whose pooled
     features give P(F⁻) = σ(W_p pool(F⁻)) for L_p. Returns F⁺ and the statistics the stats pass
-    and the losses need.
+    and the losses need: 'p_logit' is the logit L_p sees. `entropy_head` (config.model):
+      'paper'       — p_logit = W_p pool(F⁻); L_p trains W_p and E alike (Eq. 7 as written);
+      'adversarial' — p_logit uses W_p held fixed (stop_gradient), so L_p trains only E, and
+                      'head_logit' = W_p applied to pool(F⁻) held fixed, for the cross-entropy
+                      that trains W_p alone to predict liveness (losses.entropy_head_bce).
+    'wp_norm' is ‖W_p‖ (kernel), for the logs.
     """
 
     reduction: int = 16
+    entropy_head: str = "paper"
 
     @nn.compact
     def __call__(self, f):
@@ -155,11 +190,20 @@ class DRLM(nn.Module):
         a = nn.sigmoid(nn.Dense(c, name="W2", param_dtype=jnp.float32)(hidden))  # Eq. 4
         f_plus = f * a[:, None, None, :]  # Eq. 5
         f_minus = f - f_plus  # Eq. 6
-        p_logit = nn.Dense(1, name="Wp", param_dtype=jnp.float32)(jnp.mean(f_minus, axis=(1, 2)))[
-            :, 0
-        ]
+        pooled_minus = jnp.mean(f_minus, axis=(1, 2))
+        wp = nn.Dense(1, name="Wp", param_dtype=jnp.float32)
+        p_logit = wp(pooled_minus)[:, 0]  # Eq. 7
+        kernel, bias = wp.variables["params"]["kernel"], wp.variables["params"]["bias"]
         mu, sigma = instance_stats(f_minus)  # Eq. 2–3
-        return f_plus, {"attention": a, "p_logit": p_logit, "mean": mu, "std": sigma}
+        stats = {"attention": a, "p_logit": p_logit, "mean": mu, "std": sigma,
+                 "wp_norm": jnp.sqrt(jnp.sum(jnp.square(kernel)))}
+        if self.entropy_head == "adversarial":
+            sg = jax.lax.stop_gradient
+            # L_p's only gradient on W_p drives it to 0 (P ≡ ½ whatever F⁻ holds): here W_p is
+            # a critic that L_p cannot move, and E must make F⁻ uninformative to it.
+            stats["p_logit"] = (pooled_minus @ sg(kernel) + sg(bias))[:, 0]
+            stats["head_logit"] = (sg(pooled_minus) @ kernel + bias)[:, 0]
+        return f_plus, stats
 
 
 class _Kernel(nn.Module):
@@ -243,6 +287,8 @@ class FeatureExtractor(nn.Module):
     fast_grad: bool = True
     momentum: float = 0.9
     epsilon: float = 1e-5
+    pool_window: int = 3
+    entropy_head: str = "paper"
 
     @nn.compact
     def __call__(self, x, train: bool, groups: int = 1):
@@ -253,6 +299,7 @@ class FeatureExtractor(nn.Module):
             ConvBNLayer(c, self.momentum, name=f"ConvBNReLU_{i}") for i, c in enumerate(widths)
         ]
         fused = train and self.fast_grad
+        fused_pool = fused and self.pool_window == 3  # ops fuses only the 3×3 / stride-2 pool
         conv = ops.conv_same_fast if self.fast_grad else ops.conv_same
         eps = self.epsilon
 
@@ -274,24 +321,26 @@ class FeatureExtractor(nn.Module):
                         _bn_relu(layers[pending], cins[pending], z, train, groups, eps), kernel
                     )
                 pending = i
-            if fused:
+            if fused_pool:
                 _, scale, bias, _, _ = layers[pending](cins[pending])
                 pooled, mean, var = ops.bn_relu_pool(z, scale, bias, eps, groups)
                 layers[pending](cins[pending], (mean, var))
             else:
                 pooled = max_pool(
-                    _bn_relu(layers[pending], cins[pending], z, train, groups, eps), self.fast_grad
+                    _bn_relu(layers[pending], cins[pending], z, train, groups, eps),
+                    self.fast_grad,
+                    self.pool_window,
                 )
             pending = None
-            f, stats = DRLM(self.reduction)(pooled)
+            f, stats = DRLM(self.reduction, self.entropy_head)(pooled)
             block_outputs.append(f)
             drlm.append(stats)
         return f, block_outputs, drlm
 
 
 class DepthEstimator(nn.Module):
-    """D: the three blocks' outputs resized to the last block's grid, concatenated, conv 128 → 64
-    → 1.
+    """D: the three blocks' outputs average-pooled to the last block's grid (RFM's
+    adaptive_avg_pool2d; every pixel of a block counts), concatenated, conv 128 → 64 → 1.
 
     `groups` as in FeatureExtractor.
     """
@@ -304,13 +353,9 @@ class DepthEstimator(nn.Module):
     @nn.compact
     def __call__(self, block_outputs: Sequence[jax.Array], train: bool, groups: int = 1):
         _check_groups(block_outputs[-1], groups, "DepthEstimator")
-        n, h, w, _ = block_outputs[-1].shape
-        resized = [
-            f
-            if f.shape[1:3] == (h, w)
-            else jax.image.resize(f, (n, h, w, f.shape[-1]), "bilinear", antialias=False)
-            for f in block_outputs
-        ]
+        _, h, w, _ = block_outputs[-1].shape
+        resized = [f if f.shape[1:3] == (h, w) else adaptive_avg_pool(f, (h, w))
+                   for f in block_outputs]
         x = jnp.concatenate(resized, axis=-1)
         # D works on the small last-block grid, where one im2col GEMM per conv beats per-tap GEMMs.
         conv = ops.conv_same_im2col if self.fast_grad else ops.conv_same
@@ -338,6 +383,7 @@ class MetaLearner(nn.Module):
     fast_grad: bool = True
     momentum: float = 0.9
     epsilon: float = 1e-5
+    pool_window: int = 3
 
     @nn.compact
     def __call__(self, x, train: bool):
@@ -345,7 +391,7 @@ class MetaLearner(nn.Module):
         for i, c in enumerate((128, 256, 512)):
             x = ConvBNReLU(scaled(c, self.width), impl, self.momentum, self.epsilon)(x, train)
             if i < 2:
-                x = max_pool(x)
+                x = max_pool(x, window=self.pool_window)
         x = jnp.mean(x, axis=(1, 2))
         h = nn.Dense(self.adaptation_dim, name="adaptation", param_dtype=jnp.float32)(x)
         logit = nn.Dense(1, name="logit", param_dtype=jnp.float32)(h)[:, 0]
@@ -361,8 +407,10 @@ def build_modules(model_config: Any) -> tuple[FeatureExtractor, DepthEstimator, 
     common = dict(
         momentum=model_config.bn_momentum, epsilon=model_config.bn_epsilon, fast_grad=fast
     )
+    window = int(model_config.pool_window)
     return (
-        FeatureExtractor(model_config.width, model_config.drlm_reduction, **common),
+        FeatureExtractor(model_config.width, model_config.drlm_reduction, **common,
+                         pool_window=window, entropy_head=model_config.entropy_head),
         DepthEstimator(model_config.width, **common),
-        MetaLearner(model_config.width, model_config.adaptation_dim, **common),
+        MetaLearner(model_config.width, model_config.adaptation_dim, **common, pool_window=window),
     )

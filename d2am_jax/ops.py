@@ -260,8 +260,9 @@ def _pool_window(x: jax.Array) -> jax.Array:
 
 @jax.custom_vjp
 def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
-    """RFM's MaxPool2d(3, 2, 1) on NHWC. Backward through nine strided slices instead of XLA's
-    select-and-scatter, which XLA:CPU runs ~4× slower (BENCHMARKS.md)."""
+    """SSDG's MaxPool2d(3, 2, 1) (its MADDG backbone; RFM's is MaxPool2d(2)) on NHWC. Backward
+    through nine strided slices instead of XLA's select-and-scatter, which XLA:CPU runs ~4×
+    slower (BENCHMARKS.md)."""
     return _pool_window(x)
 
 

@@ -293,15 +293,19 @@ def epoch_domains(config, epoch: int, k: int, state, stats_fn, train: FasData,
                   previous: np.ndarray, imagenet: ImageNetBank) -> tuple[np.ndarray, dict]:
     """(pseudo_domain, diagnostics) for one epoch (Algorithm 1 lines 4–8).
 
-    Epoch 1: one joint clustering of ImageNet features fixes the live/spoof pairing; later epochs
-    cluster the stats pass's df(x) per class, aligned to the previous labels (Kuhn–Munkres).
-    'true' and 'random' (the "w/ d" and "w/o d" ablations) need no features.
+    Epoch 1: one joint clustering of ImageNet features fixes the live/spoof pairing (per-class
+    clusters aligned to it only where a joint cluster lacks a class); later epochs cluster the
+    stats pass's df(x) per class, aligned to the previous labels (Kuhn–Munkres). 'true' and
+    'random' (the "w/ d" and "w/o d" ablations) need no features. Every record names the domains
+    with fewer than domains.min_class_size live or spoof samples (0: half a domain batch).
     """
     dc, mode, is_live = config.domains, config.domain_labels, train.labels == 1
+    min_class_size = int(dc.min_class_size) or int(config.meta.per_domain_batch) // 2
     if mode == "pseudo" and epoch == 0:
         result = domains.initial_assignment(
             imagenet.get(), k, seed=int(config.seed), n_init=int(dc.n_init),
-            algorithm=dc.algorithm, is_live=is_live, per_class=True, true_domain=train.domain)
+            algorithm=dc.algorithm, is_live=is_live, per_class="auto", true_domain=train.domain,
+            min_class_size=min_class_size)
     else:
         bank = None
         if mode == "pseudo":
@@ -310,9 +314,11 @@ def epoch_domains(config, epoch: int, k: int, state, stats_fn, train: FasData,
         result = domains.domain_labels(
             mode, is_live=is_live, seed=int(config.seed), epoch=epoch, k=k, bank=bank,
             prev_labels=previous if epoch > 0 else None, true_domain=train.domain,
-            n_init=int(dc.n_init), algorithm=dc.algorithm)
+            n_init=int(dc.n_init), algorithm=dc.algorithm, min_class_size=min_class_size)
     keep = ("k", "cluster_sizes", "domain_sizes", "nmi_previous", "agreement_previous",
-            "nmi_true_domain", "mmd2_pseudo", "mmd2_true", "mode", "alignment")
+            "nmi_true_domain", "mmd2_pseudo", "mmd2_true", "mode", "alignment",
+            "degenerate_domains", "min_class_size", "joint_cluster_sizes", "pairing_agreement",
+            "pairing_weak", "pairing_note")
     return result.labels.astype(np.int32), {key: result.diagnostics.get(key) for key in keep}
 
 

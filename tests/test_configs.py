@@ -63,6 +63,7 @@ def test_paper_protocols_at_paper_scale(protocol):
     assert (config.meta.inner_lr, config.meta.outer_lr) == (1e-3, 1e-4)
     assert (config.meta.lambda_p, config.meta.lambda_m) == (0.1, 0.05)
     assert config.meta.num_domains == 3
+    assert config.meta.per_domain_batch == 20  # RFM's 10 live + 10 spoof per domain
 
 
 def test_unknown_protocol_names_the_choices():
@@ -118,6 +119,29 @@ def test_out_of_range_values_name_the_field(field, value):
     target[leaf] = value
     with pytest.raises(UserError, match=f"^config.{re.escape(field)}: expected"):
         config_check.check(config)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("model.entropy_head", "gradient_reversal", "config.model.entropy_head"),
+    ("model.pool_window", 4, "config.model.pool_window"),
+    ("domains.min_class_size", -1, "config.domains.min_class_size"),
+])
+def test_bad_fidelity_fields_name_the_field(field, value, match):
+    config = _module("smoke").get_config()
+    group, name = field.split(".")
+    config[group][name] = value
+    with pytest.raises(ValueError, match=match):
+        config_check.check(config)
+
+
+def test_rfm_pool_needs_a_resolution_divisible_by_8():
+    config = _module("smoke").get_config()
+    config.model.pool_window = 2
+    config.data.resolution = 36
+    with pytest.raises(ValueError, match="config.data.resolution"):
+        config_check.check(config)
+    config.data.resolution = 32
+    config_check.check(config)
 
 
 def test_cli_misspelled_field_fails_with_its_name(tmp_path):

@@ -2,6 +2,7 @@
 domains, label identity under k-means renumbering, stability, choose_k, diagnostics, bad input."""
 
 import itertools
+import logging
 import math
 import re
 
@@ -132,14 +133,53 @@ def test_alignment_follows_previous_label_identity():
     assert result.diagnostics["nmi_previous"] == pytest.approx(nmi(previous, result.labels))
 
 
-def test_initial_assignment_rejects_single_class_domain_unless_per_class():
+def test_initial_assignment_falls_back_to_per_class_only_where_a_joint_cluster_lacks_a_class(
+        caplog):
     # Live and spoof far apart, domains close: the joint clustering splits by class first.
     bank, live, domain = blobs(seed=3, domain_scale=0.3, class_scale=6.0)
-    with pytest.raises(ValueError, match=r"no live or no spoof sample .* per_class=True"):
-        dm.initial_assignment(bank, 3, seed=0, is_live=live)
-    fallback = dm.initial_assignment(bank, 3, seed=0, is_live=live, per_class=True)
-    assert all(a > 0 and b > 0 for a, b in fallback.diagnostics["cluster_sizes"])
-    assert fallback.diagnostics["alignment"] == "per_class_to_joint"
+    with pytest.raises(ValueError, match=r"no live or no spoof sample .* per_class='auto'"):
+        dm.initial_assignment(bank, 3, seed=0, is_live=live, per_class=False)
+    with caplog.at_level(logging.WARNING, logger="d2am_jax.domains"):
+        fallback = dm.initial_assignment(bank, 3, seed=0, is_live=live)
+    d = fallback.diagnostics
+    assert all(a > 0 and b > 0 for a, b in d["cluster_sizes"])
+    assert d["alignment"] == "per_class_to_joint"
+    assert any(a == 0 or b == 0 for a, b in d["joint_cluster_sizes"])
+    # The warning names the joint clustering's sizes.
+    assert any(str(d["joint_cluster_sizes"]) in r.getMessage() for r in caplog.records)
+    # A joint clustering split by class leaves no live/spoof pairing to keep: said in the record.
+    assert d["pairing_weak"] is True and "weak live/spoof pairing" in d["pairing_note"]
+    assert min(d["pairing_agreement"].values()) < dm.WEAK_PAIRING_BELOW
+
+
+def test_joint_clusters_holding_both_classes_are_used_as_they_are(caplog):
+    # Overlapping blobs: the per-class clusters aligned to the joint ones differ from them on a
+    # few samples, so the labels show which of the two epoch 1 used.
+    bank, live, domain = blobs(seed=1, noise=2.5)
+    joint = dm.initial_assignment(bank, 3, seed=0, is_live=live, per_class=False)
+    aligned = dm.initial_assignment(bank, 3, seed=0, is_live=live, per_class=True)
+    assert not np.array_equal(joint.labels, aligned.labels)
+    with caplog.at_level(logging.WARNING, logger="d2am_jax.domains"):
+        auto = dm.initial_assignment(bank, 3, seed=0, is_live=live)
+    np.testing.assert_array_equal(auto.labels, joint.labels)
+    assert auto.diagnostics["alignment"] == "joint" and not caplog.records
+    assert auto.diagnostics["agreement_previous"] == 1.0  # the labels vs the joint clustering
+    assert auto.diagnostics["pairing_weak"] is False
+    assert min(auto.diagnostics["pairing_agreement"].values()) > 0.9
+
+
+def test_domain_with_a_class_below_the_minimum_is_reported(caplog):
+    live = np.array([1, 0] * 6 + [1, 1, 1, 0], bool)
+    true_domain = np.array(["a"] * 6 + ["b"] * 6 + ["c"] * 4)  # c: 3 live, 1 spoof
+    with caplog.at_level(logging.WARNING, logger="d2am_jax.domains"):
+        result = dm.domain_labels("true", is_live=live, seed=0, epoch=0, true_domain=true_domain,
+                                  min_class_size=2)
+    assert result.diagnostics["min_class_size"] == 2
+    assert result.diagnostics["degenerate_domains"] == [{"domain": 2, "live": 3, "spoof": 1}]
+    assert any("pseudo domain 2 has 3 live and 1 spoof" in r.getMessage()
+               for r in caplog.records)
+    quiet = dm.domain_labels("true", is_live=live, seed=0, epoch=0, true_domain=true_domain)
+    assert quiet.diagnostics["degenerate_domains"] == []  # the default minimum is 1
 
 
 # ----------------------------------------------------------------------------- label identity

@@ -43,6 +43,8 @@ def test_traced_once_per_order_across_steps_with_different_data(compiled):
         "loss/mmd_meta_test",
         "loss/depth",
         "loss/entropy",
+        "loss/entropy_head",
+        *(f"drlm/{name}_{j}" for name in ("p_margin", "wp_norm") for j in (1, 2, 3)),
         "acc/meta_train",
         "acc/meta_test",
         "grad_norm/E",

@@ -80,9 +80,11 @@ def reference_objective(config, params, batch_stats, batch, key, const_grads, us
 def f64():
     """Float64 setup at α = 0.5 (large, so that the second-order terms are visible).
 
-    α is passed as an array, so one compile serves α = 0.5 and α = 0.
+    α is passed as an array, so one compile serves α = 0.5 and α = 0. Everything here traces
+    under the project's random context (runtime.project_random, as meta_step's jit does), so the
+    MMD prior samples of the objective, the reference and the step are the same numbers.
     """
-    with jax.enable_x64(True):
+    with jax.enable_x64(True), runtime.project_random():
         config = _config(alpha=0.5)
         config.meta.grad_cosine = True
         state = state_lib.init_state(config, jax.random.PRNGKey(0))
@@ -183,9 +185,45 @@ def test_orders_agree_when_inner_lr_is_zero(f64):
 
 def test_step_reports_cosine_between_first_and_second_order_gradients(f64):
     with jax.enable_x64(True):
-        state = _f64(f64["state"]).replace(params=f64["params"])
+        # Copies: meta_step donates the state, and the fixture's parameters serve other tests.
+        state = _f64(f64["state"]).replace(params=jax.tree.map(jnp.copy, f64["params"]))
         g1, g2 = f64["g1"], f64["g2"]
         expected = _dot(g1, g2) / np.sqrt(_dot(g1, g1) * _dot(g2, g2))
         _, metrics = meta.make_meta_step(f64["config"])(state, f64["batch"], second_order=True)
         np.testing.assert_allclose(metrics["grad_cosine_first_second"], expected, rtol=1e-9)
         assert expected < 1 - 1e-6  # α = 0.5: the two orders point in different directions
+
+
+def test_adversarial_entropy_head_changes_only_the_wp_gradient(f64):
+    """model.entropy_head='adversarial': ∇J equals the paper objective's gradient (checked above
+    against the loop reference; first order, which compiles faster and holds the same terms) on
+    every parameter but W_p, whose gradient is λ_p ∇ of the head's cross-entropy on the
+    meta-train batches, by hand here: E's L_p gradient is unchanged (W_p only held fixed) and the
+    cross-entropy reaches no F⁻."""
+    with jax.enable_x64(True):
+        config = f64["config"].copy_and_resolve_references()
+        config.model.entropy_head = "adversarial"
+        params, stats, batch, key = f64["params"], f64["stats"], f64["batch"], f64["key"]
+        objective = meta.make_objective(config)
+        g_adv = jax.jit(jax.grad(lambda q: objective(q, stats, batch, key, False, 0.5)[0]))(params)
+        flat_adv = dict(jax.tree_util.tree_flatten_with_path(g_adv)[0])
+        for path, value in jax.tree_util.tree_flatten_with_path(f64["g1"])[0]:
+            if all(getattr(p, "key", None) != "Wp" for p in path):
+                assert _tree_rel(flat_adv[path], value) < 1e-10, path
+
+        E = models.build_modules(config.model)[0]
+        k, b = batch["x"].shape[:2]
+        x = batch["x"].reshape(k * b, *batch["x"].shape[2:])
+        drlm = jax.jit(lambda v: E.apply(v, x, True, groups=k, mutable=["batch_stats"])[0][2])(
+            {"params": params["E"], "batch_stats": stats["E"]})
+        for j, s in enumerate(drlm):
+            pooled = s["mean"].reshape(k, b, -1)  # pool(F⁻) = μ(F⁻) (Eq. 2)
+
+            def head_loss(wp, pooled=pooled):
+                logits = (pooled @ wp["kernel"] + wp["bias"])[..., 0]
+                return config.meta.lambda_p * sum(
+                    losses.classification(logits[i], batch["y"][i]) for i in range(k - 1))
+
+            expected = jax.grad(head_loss)(params["E"][f"DRLM_{j}"]["Wp"])
+            assert _tree_rel(g_adv["E"][f"DRLM_{j}"]["Wp"], expected) < 1e-10, j
+            assert _tree_rel(f64["g1"]["E"][f"DRLM_{j}"]["Wp"], expected) > 1e-2, j

@@ -170,3 +170,59 @@ def test_batch_that_does_not_split_into_groups_is_refused():
         jax.eval_shape(
             lambda v, x: E.apply(v, x, True, groups=2, mutable=["batch_stats"]), variables, x
         )
+
+
+def test_adaptive_average_pool_equals_hand_computation():
+    f = (np.arange(2 * 8 * 5 * 3).reshape(2, 8, 5, 3) ** 1.5).astype(np.float32)
+    out = np.asarray(models.adaptive_avg_pool(jnp.asarray(f), (2, 2)))
+    # Rows: 8 → 2 in blocks of 4; columns: 5 → 2 in PyTorch's bins [0, 3) and [2, 5).
+    for i, rows in enumerate((slice(0, 4), slice(4, 8))):
+        for j, cols in enumerate((slice(0, 3), slice(2, 5))):
+            np.testing.assert_allclose(out[:, i, j], f[:, rows, cols].mean(axis=(1, 2)),
+                                       rtol=1e-6)
+
+
+def test_depth_head_average_pools_the_blocks_to_the_last_grid():
+    """D on the three blocks equals D on those blocks already averaged over their 4×4 and 2×2
+    cells by hand: every pixel counts (bilinear resizing without antialiasing reads only a few)."""
+    config = default.get_config()
+    config.model.width = 0.0625
+    _, D, _ = models.build_modules(config.model)
+    rng = np.random.default_rng(0)
+    blocks = [rng.standard_normal((4, s, s, 8)) for s in (16, 8, 4)]
+    by_hand = [b.reshape(4, 4, b.shape[1] // 4, 4, b.shape[2] // 4, 8).mean(axis=(2, 4))
+               for b in blocks]
+    by_hand[-1] = blocks[-1]
+    apply = jax.jit(lambda v, bs: D.apply(v, bs, True, mutable=["batch_stats"])[0])
+    variables = jax.jit(lambda b: D.init(jax.random.PRNGKey(0), b, True))(
+        [jnp.asarray(b, jnp.float32) for b in blocks])
+    np.testing.assert_allclose(apply(variables, [jnp.asarray(b, jnp.float32) for b in blocks]),
+                               apply(variables, [jnp.asarray(b, jnp.float32) for b in by_hand]),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_rfm_max_pool_is_2x2_stride_2_and_floors_odd_sizes():
+    x = np.random.default_rng(0).standard_normal((2, 5, 6, 3)).astype(np.float32)
+    out = np.asarray(models.max_pool(jnp.asarray(x), window=2))
+    expected = x[:, :4, :6].reshape(2, 2, 2, 3, 2, 3).max(axis=(2, 4))  # MaxPool2d(2)
+    np.testing.assert_array_equal(out, expected)
+    assert models.max_pool(jnp.asarray(x)).shape == (2, 3, 3, 3)  # SSDG's 3×3/2 pad 1: ceil
+
+
+def test_pool_window_2_runs_e_and_m_with_2x2_pools():
+    config = default.get_config()
+    config.model.width = 0.0625
+    config.model.pool_window = 2
+    E, D, M = models.build_modules(config.model)
+    # 36 → 18 → 9 → 4 with 2×2 pools (floor); SSDG's 3×3 pools would give 18, 9, 5.
+    x = jax.ShapeDtypeStruct((2, 36, 36, 6), jnp.float32)
+    key = jax.random.PRNGKey(0)
+    ve = jax.eval_shape(lambda x: E.init(key, x, True), x)
+    (feat, blocks, _), _ = jax.eval_shape(
+        lambda v, x: E.apply(v, x, True, mutable=["batch_stats"]), ve, x)
+    assert [b.shape[1] for b in blocks] == [18, 9, 4]
+    vm = jax.eval_shape(lambda f: M.init(key, f, True), feat)
+    (logit, _), _ = jax.eval_shape(lambda v, f: M.apply(v, f, True, mutable=["batch_stats"]),
+                                   vm, feat)
+    assert logit.shape == (2,)
+    assert models.max_pool(jnp.zeros((1, 4, 4, 1)), window=2).shape == (1, 2, 2, 1)

@@ -96,6 +96,25 @@ def test_replacement_only_where_a_domain_is_short():
                 assert len(set(row)) == 8  # enough examples: no repeats
 
 
+def test_a_short_domain_is_named_once_per_assignment(caplog):
+    i = np.arange(N)
+    pseudo = np.where(i < 2, 0, 1 + (i // 2) % 2)  # domain 0: one spoof (0) and one live (1)
+    sampler = make(per_domain_batch=8)
+    with caplog.at_level(logging.WARNING, logger="d2am_jax.data.sampler"):
+        for step in range(3):
+            sampler.meta_indices(pseudo, 0, step)
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("pseudo domain 0 has 1 live examples for the 4 live places" in m
+               for m in messages) == 1
+    assert sum("pseudo domain 0 has 1 spoof examples for the 4 spoof places" in m
+               for m in messages) == 1
+    assert not any("pseudo domain 1" in m or "pseudo domain 2" in m for m in messages)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="d2am_jax.data.sampler"):
+        make().meta_indices(PSEUDO, 0, 0)  # 10 per class and domain for 2 places: no word
+    assert not caplog.records
+
+
 def test_prior_depth_for_live_and_zeros_for_spoof():
     batch = make().meta_batch(PSEUDO, 0, 0)
     live = batch["y"] == 1

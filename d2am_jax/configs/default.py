@@ -12,6 +12,14 @@ def get_model_config() -> ml_collections.ConfigDict:
     m = ml_collections.ConfigDict()
     m.width = 1.0                  # channel multiplier; 1.0 = the paper's network
     m.drlm_reduction = 16          # τ, the DRLM's SE reduction ratio (Eq. 4)
+    # How W_p of L_p = P log P (Eq. 7) is trained. 'paper': by L_p itself, as written — but L_p's
+    # only gradient on W_p drives W_p → 0 (P ≡ ½ whatever F⁻ holds), after which L_p no longer
+    # presses E. 'adversarial': W_p learns to predict liveness from F⁻ (cross-entropy, F⁻ held
+    # fixed) while E minimises L_p with W_p held fixed. Default 'paper': the paper's equation.
+    m.entropy_head = "paper"
+    # Stride-2 max-pool window in E's blocks and M: 3 = SSDG's MaxPool2d(3, 2, 1) (3×3, padding
+    # 1; the default so far), 2 = RFM's MaxPool2d(2) (2×2; needs data.resolution divisible by 8).
+    m.pool_window = 3
     m.adaptation_dim = 512         # size of the adaptation layer h (Eq. 9)
     m.bn_momentum = 0.9            # running statistics for evaluation (training uses batch stats)
     m.bn_epsilon = 1e-5
@@ -77,6 +85,10 @@ def get_domains_config() -> ml_collections.ConfigDict:
     c.n_init = 3                   # k-means restarts
     c.algorithm = "auto"           # 'auto' | 'full' | 'minibatch'
     c.stats_batch_size = 64        # images per stats-pass call (one compile)
+    # A pseudo domain whose live or spoof part holds fewer samples than this is reported in the
+    # assignment record ('degenerate_domains') and warned about: its half of every domain batch
+    # repeats those few images. 0 = meta.per_domain_batch // 2 (one half batch).
+    c.min_class_size = 0
     return c
 
 

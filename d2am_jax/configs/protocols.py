@@ -9,9 +9,12 @@ original releases (d2am_jax/data/DATASETS.md). The protocol is the config's argu
 Build first, e.g. `python -m d2am_jax.data.build oulu_npu --manual_dir /data/OULU-NPU
 --data_dir /data/tfds` for each dataset named in the protocol. Splits follow SSDG's code
 (data.splits='ssdg'; 'strict' scores only the target's test part). The paper does not state the
-number of epochs or the per-domain batch size; 30 epochs of one pass over the source and 8 images
-per domain batch are this project's choices. Expected run time: dominated by the meta-step, about
-5–10 s per step at this scale on a 2-core CPU (impractical there: use a GPU/TPU).
+number of epochs or the per-domain batch size. The per-domain batch is RFM's, the code D²AM builds
+on (rshaojimmy/RFMetaFAS main.py: batchsize=10 for each domain's live loader and its spoof loader,
+so 10 live + 10 spoof = 20 per domain batch); no measurement here argues for another value. 30
+epochs of one pass over the source are this project's choice. Expected run time: dominated by the
+meta-step: with 8 images per domain batch it took about 5–10 s per step at this scale on a
+2-core CPU, and 20 images scale that by about 2.5 (impractical there: use a GPU/TPU).
 """
 
 from d2am_jax.configs import default
@@ -28,5 +31,6 @@ def get_config(protocol: str = "OCI_M"):
     config.data.resolution = 256
     config.model.width = 1.0
     config.meta.num_domains = 3
+    config.meta.per_domain_batch = 20  # RFM's 10 live + 10 spoof per domain
     config.num_epochs = 30
     return config

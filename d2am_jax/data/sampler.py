@@ -157,7 +157,7 @@ class CachedFrames:
 def _balanced(rng: np.random.Generator, live: np.ndarray, spoof: np.ndarray,
               size: int) -> np.ndarray:
     """`size` indices, half from `live` and half from `spoof`, shuffled; with replacement only
-    where a pool has fewer than size / 2 examples."""
+    where a pool has fewer than size / 2 examples (MetaBatchSampler.domain_pools warns of it)."""
     half = size // 2
     picks = [rng.choice(pool, half, replace=len(pool) < half) for pool in (live, spoof)]
     return rng.permutation(np.concatenate(picks))
@@ -245,9 +245,21 @@ class MetaBatchSampler:
         if empty:
             raise ValueError("every pseudo domain needs live and spoof examples: "
                              + "; ".join(empty))
+        self._warn_short(pools)
         self._domains_key = pseudo_domain.copy()
         self._pools = pools
         return pools
+
+    def _warn_short(self, pools: list[tuple[np.ndarray, np.ndarray]]) -> None:
+        """Says, once per assignment, which domain's class is drawn with replacement: fewer
+        examples than half a domain batch means copies of the same images fill that half."""
+        half = self.per_domain_batch // 2
+        for d, (live, spoof) in enumerate(pools):
+            for name, pool in (("live", live), ("spoof", spoof)):
+                if pool.size < half:
+                    log.warning("pseudo domain %d has %d %s examples for the %d %s places of "
+                                "every domain batch: they are drawn with replacement, so each "
+                                "batch repeats them", d, pool.size, name, half, name)
 
     # -- batches ----------------------------------------------------------------------------
 

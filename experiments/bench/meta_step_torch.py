@@ -103,15 +103,9 @@ class DepthEstimator(nn.Module):
 
     def forward(self, outs):
         size = outs[-1].shape[2:]
-        x = torch.cat(
-            [
-                o
-                if o.shape[2:] == size
-                else F.interpolate(o, size, mode="bilinear", align_corners=False)
-                for o in outs
-            ],
-            1,
-        )
+        # Average pooling to the last grid, as RFM's head (and d2am_jax.models.DepthEstimator).
+        x = torch.cat([o if o.shape[2:] == size else F.adaptive_avg_pool2d(o, size) for o in outs],
+                      1)
         return self.body(x)[:, 0]
 
 

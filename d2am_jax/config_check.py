@@ -29,6 +29,16 @@ def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+# jax.checkpoint_policies' policies that take no argument (checked by name: no jax import here).
+REMAT_POLICIES = ("everything_saveable", "nothing_saveable", "dots_saveable",
+                  "checkpoint_dots", "dots_with_no_batch_dims_saveable",
+                  "checkpoint_dots_with_no_batch_dims")
+
+
+def _is_policy(name) -> bool:
+    return name in REMAT_POLICIES
+
+
 def _finite(value) -> bool:
     return _number(value) and math.isfinite(value)
 
@@ -70,6 +80,12 @@ def check(config) -> None:
     if c.model.pool_window == 2:
         need(d.resolution % 8 == 0, "data.resolution",
              "a multiple of 8 with model.pool_window=2 (three 2×2 pools must divide it)")
+    need(c.model.dtype in ("float32", "bfloat16"), "model.dtype", "'float32' or 'bfloat16'")
+    need(not (c.model.dtype == "bfloat16" and str(c.model.fast_conv_grad).lower() == "true"),
+         "model.fast_conv_grad", "'auto' or False with model.dtype='bfloat16' (the CPU-tuned "
+         "ops are float32 only)")
+    need(c.model.remat_policy == "" or _is_policy(c.model.remat_policy), "model.remat_policy",
+         "'' or the name of a jax.checkpoint_policies policy, e.g. 'nothing_saveable'")
     need(0.0 <= c.model.bn_momentum < 1.0, "model.bn_momentum", "a number in [0, 1)")
     need(_finite(c.model.bn_epsilon) and c.model.bn_epsilon > 0, "model.bn_epsilon",
          "a finite number > 0")

@@ -54,11 +54,13 @@ def make_loss(config) -> Callable:
 
     def loss(params, batch_stats, batch, key):
         dtype = jax.tree.leaves(params["E"])[0].dtype
-        x = models.model_input(batch["x"], dtype)
+        x = models.model_input(batch["x"], models.compute_dtype(config.model, params["E"]))
         y, depth = batch["y"].astype(dtype), models.depth_input(batch["depth"], dtype)
-        (feat, blocks, drlm), new_e = E.apply(
-            {"params": params["E"], "batch_stats": batch_stats["E"]}, x, True,
-            mutable=["batch_stats"])
+        e_train = models.rematerialized(
+            lambda variables, x: E.apply(variables, x, True, mutable=["batch_stats"]),
+            config.model)
+        (feat, blocks, drlm), new_e = e_train(
+            {"params": params["E"], "batch_stats": batch_stats["E"]}, x)
         pred, new_d = D.apply(
             {"params": params["D"], "batch_stats": batch_stats["D"]}, blocks, True,
             mutable=["batch_stats"])

@@ -73,21 +73,21 @@ def make_objective(config) -> Callable:
         inner_tx = optax.sgd(mc.inner_lr if inner_lr is None else inner_lr)
         x, y, depth = batch["x"], batch["y"], batch["depth"]
         k = x.shape[0]
-        dtype = jax.tree.leaves(params["E"])[0].dtype
-        x, y = models.model_input(x, dtype), y.astype(dtype)
+        dtype = jax.tree.leaves(params["E"])[0].dtype    # losses, targets, the inner step
+        x = models.model_input(x, models.compute_dtype(config.model, params["E"]))
+        y = y.astype(dtype)
         depth = models.depth_input(depth, dtype)
 
         # E and D on all K domain batches as one flat batch of K·B images; BatchNorm keeps batch
         # statistics per domain batch (groups=K). One flat batch gives XLA's GEMMs K× larger
         # operands than a vmap over domains, and the fused units of `ops` apply directly.
         b = x.shape[1]
-        (feat, blocks, drlm), new_e = E.apply(
+        e_train = models.rematerialized(
+            lambda variables, x: E.apply(variables, x, True, groups=k, mutable=["batch_stats"]),
+            config.model)
+        (feat, blocks, drlm), new_e = e_train(
             {"params": params["E"], "batch_stats": batch_stats["E"]},
-            x.reshape(k * b, *x.shape[2:]),
-            True,
-            groups=k,
-            mutable=["batch_stats"],
-        )
+            x.reshape(k * b, *x.shape[2:]))
         depth_pred, new_d = D.apply(
             {"params": params["D"], "batch_stats": batch_stats["D"]},
             blocks,

@@ -113,6 +113,7 @@ class ConvBNReLU(nn.Module):
         # Training uses batch statistics (per domain batch, see meta.py); evaluation uses the
         # running averages that the outer step accumulates from those batch statistics.
         x = nn.BatchNorm(
+            dtype=x.dtype,  # the activations' dtype; flax reduces the statistics in float32
             use_running_average=not train,
             momentum=self.momentum,
             epsilon=self.epsilon,
@@ -158,7 +159,9 @@ def _averaging_matrix(n_in: int, n_out: int, dtype) -> jax.Array:
 
 
 def instance_stats(f: jax.Array, eps: float = 1e-5) -> tuple[jax.Array, jax.Array]:
-    """Per-sample, per-channel spatial mean and std of an NHWC map (Eq. 2–3)."""
+    """Per-sample, per-channel spatial mean and std of an NHWC map (Eq. 2–3), at least in float32
+    (a bfloat16 map's statistics are reduced in float32)."""
+    f = f.astype(jnp.promote_types(f.dtype, jnp.float32))
     mu = jnp.mean(f, axis=(1, 2))
     var = jnp.mean(jnp.square(f - mu[:, None, None, :]), axis=(1, 2))
     return mu, jnp.sqrt(var + eps)
@@ -188,9 +191,9 @@ class DRLM(nn.Module):
             nn.Dense(max(1, c // self.reduction), name="W1", param_dtype=jnp.float32)(pooled)
         )
         a = nn.sigmoid(nn.Dense(c, name="W2", param_dtype=jnp.float32)(hidden))  # Eq. 4
-        f_plus = f * a[:, None, None, :]  # Eq. 5
+        f_plus = f * a.astype(f.dtype)[:, None, None, :]  # Eq. 5 (in the activations' dtype)
         f_minus = f - f_plus  # Eq. 6
-        pooled_minus = jnp.mean(f_minus, axis=(1, 2))
+        pooled_minus = jnp.mean(f_minus.astype(a.dtype), axis=(1, 2))
         wp = nn.Dense(1, name="Wp", param_dtype=jnp.float32)
         p_logit = wp(pooled_minus)[:, 0]  # Eq. 7
         kernel, bias = wp.variables["params"]["kernel"], wp.variables["params"]["bias"]
@@ -398,12 +401,35 @@ class MetaLearner(nn.Module):
         return logit, h
 
 
+def rematerialized(fn, model_config):
+    """`fn` (E's training forward) under `jax.checkpoint` with the policy `model.remat_policy`
+    names: its activations are recomputed in the backward pass instead of kept (memory at paper
+    scale, BENCHMARKS.md); '' returns `fn` itself."""
+    name = str(model_config.get("remat_policy", ""))
+    if not name:
+        return fn
+    return jax.checkpoint(fn, policy=getattr(jax.checkpoint_policies, name))
+
+
+
+
+def compute_dtype(model_config, params) -> jnp.dtype:
+    """The activations' dtype: bfloat16 with `model.dtype='bfloat16'` (convolutions and matmuls
+    run in it; parameters, BatchNorm statistics and losses stay float32), else the parameters'."""
+    if str(model_config.get("dtype", "float32")) == "bfloat16":
+        return jnp.bfloat16
+    return jax.tree.leaves(params)[0].dtype
+
+
 def build_modules(model_config: Any) -> tuple[FeatureExtractor, DepthEstimator, MetaLearner]:
     """E, D, M from `config.model` (fields documented in configs/default.py); `fast_conv_grad`
-    resolved for the backend (`runtime.fast_conv_grad`: 'auto' means the CPU-tuned ops on CPU)."""
+    resolved for the backend (`runtime.fast_conv_grad`: 'auto' means the CPU-tuned ops on CPU,
+    and never with bfloat16 activations: those ops are float32 only)."""
     for c in (64, 128, 196, 256, 512):
         scaled(c, model_config.width)
     fast = runtime.fast_conv_grad(model_config.fast_conv_grad)
+    if str(model_config.get("dtype", "float32")) == "bfloat16":
+        fast = False
     common = dict(
         momentum=model_config.bn_momentum, epsilon=model_config.bn_epsilon, fast_grad=fast
     )

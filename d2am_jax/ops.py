@@ -19,7 +19,12 @@ _DIMS = ("NHWC", "HWIO", "NHWC")
 
 
 def conv_same(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """Stride-1 SAME convolution, NHWC × HWIO → NHWC (XLA's own derivatives)."""
+    """Stride-1 SAME convolution, NHWC × HWIO → NHWC (XLA's own derivatives). bfloat16 inputs
+    accumulate in float32 (as tensor cores do) and round the result back to bfloat16."""
+    if x.dtype == jnp.bfloat16:
+        out = lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=_DIMS,
+                                       preferred_element_type=jnp.float32)
+        return out.astype(x.dtype)
     return lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=_DIMS)
 
 
@@ -288,7 +293,8 @@ max_pool_3x3_s2.defvjp(_pool_fwd, _pool_bwd)
 
 def group_moments(z: jax.Array, groups: int) -> tuple[jax.Array, jax.Array]:
     """Per-group, per-channel mean and (biased) variance of z [G·B, H, W, C] → two [G, C] arrays."""
-    zg = z.reshape(groups, -1, z.shape[-1])
+    # Reduced in at least float32: bfloat16 activations keep float32 BatchNorm statistics.
+    zg = z.reshape(groups, -1, z.shape[-1]).astype(jnp.promote_types(z.dtype, jnp.float32))
     mu = jnp.mean(zg, axis=1)
     return mu, jnp.mean(jnp.square(zg - mu[:, None, :]), axis=1)
 
@@ -305,7 +311,7 @@ def bn_relu(z, scale, bias, mu, rstd):
     """relu((z − μ_g)·rstd_g·scale + bias); μ, rstd are [G, C] per group of images, or [C]."""
     c = z.shape[-1]
     _, y = _normalize(z, scale, bias, jnp.reshape(mu, (-1, c)), jnp.reshape(rstd, (-1, c)))
-    return jnp.maximum(y, 0).reshape(z.shape)
+    return jnp.maximum(y, 0).reshape(z.shape).astype(z.dtype)
 
 
 def bn_relu_reference(z, scale, bias, eps: float, groups: int):

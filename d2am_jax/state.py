@@ -130,7 +130,7 @@ def make_predict(config) -> JittedStep:
     E, _, M = models.build_modules(config.model)
 
     def predict(params, batch_stats, x):
-        x = models.model_input(x, jax.tree.leaves(params["E"])[0].dtype)
+        x = models.model_input(x, models.compute_dtype(config.model, params["E"]))
         feat = E.apply({"params": params["E"], "batch_stats": batch_stats["E"]}, x, False)[0]
         logit, _ = M.apply({"params": params["M"], "batch_stats": batch_stats["M"]}, feat, False)
         return jax.nn.sigmoid(logit)

@@ -68,7 +68,7 @@ def make_stats_pass(config, batch_size: int, micro_batch: int | None = None,
     resolution = int(config.data.resolution)
 
     def forward(params_e, batch_stats_e, x):
-        dtype = jax.tree.leaves(params_e)[0].dtype
+        dtype = models.compute_dtype(config.model, params_e)
 
         def micro(xs):
             variables = {"params": params_e, "batch_stats": batch_stats_e}

@@ -27,6 +27,13 @@ def get_model_config() -> ml_collections.ConfigDict:
     # tuned on CPU). 'auto': those on CPU, XLA's own convolutions and derivatives on GPU/TPU;
     # True / False force either. Any type (a str or a bool), hence the FieldReference.
     m.fast_conv_grad = ml_collections.FieldReference("auto", field_type=object)
+    # Activations, convolutions and matmuls: 'float32' | 'bfloat16' (parameters, BatchNorm
+    # statistics, losses, the inner step and the optimizer stay float32). bfloat16 runs XLA's
+    # own convolutions (the CPU-tuned ops are float32 only).
+    m.dtype = "float32"
+    # Rematerialise E in the backward pass: '' (save everything) or a jax.checkpoint_policies
+    # name, e.g. 'nothing_saveable' (least memory) or 'dots_with_no_batch_dims_saveable'.
+    m.remat_policy = ""
     return m
 
 

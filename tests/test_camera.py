@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from skimage import data as skdata
 
-from d2am_jax import checkpointing, meta, predict
+from d2am_jax import checkpointing, predict
+from d2am_jax import state as state_lib
 from d2am_jax.configs import smoke
 from d2am_jax.data import facemesh, faces
 from d2am_jax.data.color import rgb_to_model_input
@@ -59,7 +60,7 @@ def run(tmp_path_factory, video):
     """A workdir with untrained weights, its per-frame scores computed here without predict.py,
     and a threshold between them."""
     config = smoke.get_config()
-    state = meta.init_state(config, jax.random.PRNGKey(3))
+    state = state_lib.init_state(config, jax.random.PRNGKey(3))
     r = config.data.resolution
     crops, expected = [], []
     for rgb in decoded(video):
@@ -68,13 +69,14 @@ def run(tmp_path_factory, video):
         if box is not None:
             crops.append(faces.crop_face(rgb, box, 0.25, r))
     x = rgb_to_model_input(np.stack(crops))
-    scores = np.asarray(meta.make_predict(config)(state.params, state.batch_stats, x), np.float64)
+    predict = state_lib.make_predict(config)
+    scores = np.asarray(predict(state.params, state.batch_stats, x), np.float64)
     per_frame = [None if k is None else float(scores[k]) for k in expected]
     threshold = float(np.median(scores))
     path = str(tmp_path_factory.mktemp("run"))
     ckpt = checkpointing.Checkpointer(path, 1)
     record = {"epoch": 1, "step": 4, "threshold": threshold, "threshold_mode": "source_val"}
-    ckpt.save(4, state, np.zeros(8, np.int32), np.zeros((0, 0)),
+    ckpt.save(4, state, np.zeros(8, np.int32),
               {"config": json.loads(config.to_json_best_effort()), "results": [record]},
               best=True)
     ckpt.close()

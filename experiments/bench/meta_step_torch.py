@@ -35,6 +35,7 @@ def parse_args():
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--channels-last", action="store_true", help="NHWC memory format")
+    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda (eager, float32)")
     return p.parse_args()
 
 
@@ -174,11 +175,13 @@ def main():
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    dev = torch.device(args.device)
     E, D = (
-        FeatureExtractor(args.width).to(memory_format=fmt),
-        DepthEstimator(args.width).to(memory_format=fmt),
+        FeatureExtractor(args.width).to(dev, memory_format=fmt),
+        DepthEstimator(args.width).to(dev, memory_format=fmt),
     )
-    pm = meta_learner_params(args.width, scaled(128, args.width))
+    pm = {n: w.to(dev).detach().requires_grad_() for n, w in
+          meta_learner_params(args.width, scaled(128, args.width)).items()}
     params = list(E.parameters()) + list(D.parameters()) + list(pm.values())
     opt = torch.optim.Adam(params, lr=1e-4)
     k, b, r = args.num_domains, args.per_domain_batch, args.resolution
@@ -189,12 +192,12 @@ def main():
     alpha, lambda_p = 1e-3, 0.1
 
     def batch():
-        y = torch.cat([torch.ones(b // 2), torch.zeros(b - b // 2)]).repeat(k, 1)
-        x = torch.rand(k, b, 6, r, r)
+        y = torch.cat([torch.ones(b // 2), torch.zeros(b - b // 2)]).repeat(k, 1).to(dev)
+        x = torch.rand(k, b, 6, r, r, device=dev)
         return (
             [x[i].contiguous(memory_format=fmt) for i in range(k)],
             y,
-            torch.rand(k, b, g, g) * y[:, :, None, None],
+            torch.rand(k, b, g, g, device=dev) * y[:, :, None, None],
         )
 
     def step(xs, y, depth):
@@ -223,6 +226,8 @@ def main():
         data = batch()
         t = time.perf_counter()
         loss = step(*data)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
         if i >= args.warmup:
             times.append(time.perf_counter() - t)
     step_s = statistics.median(times)
@@ -240,6 +245,9 @@ def main():
                 "width": args.width,
                 "channels_last": args.channels_last,
                 "threads": torch.get_num_threads(),
+                "device": str(dev) if dev.type != "cuda" else torch.cuda.get_device_name(dev),
+                "peak_device_memory_gib": round(torch.cuda.max_memory_allocated(dev) / 2**30, 2)
+                if dev.type == "cuda" else None,
                 "loss": loss,
                 "torch": torch.__version__,
                 "machine": platform.machine(),

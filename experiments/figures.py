@@ -59,11 +59,12 @@ class RunView:
         _, saved = self.ckpt.read_meta(which)
         self.meta = saved
         self.config = _with_defaults(saved["config"])
+        from d2am_jax import runtime
+        runtime.start(self.config)  # the run's compilation cache, if it had one
         self.label = f"{os.path.basename(os.path.dirname(self.workdir))}/" \
             f"{os.path.basename(self.workdir)} ({self.config.method})"
         self.which = which
         self.data = sources.load(self.config, self.workdir)
-        self._features = None
 
     def state(self, which: str = None, step: int | None = None):
         restored = self.ckpt.restore(None, which=which or self.which, step=step)
@@ -77,12 +78,11 @@ class RunView:
     def features(self, state, frames, keep_maps: bool = False) -> dict:
         """h, the third DRLM's attention and instance statistics of F⁺ and F⁻ (and its F maps)."""
         from d2am_jax import stats
-        if self._features is None:
-            self._features = _feature_fn(self.config)
+        features = _jitted("features", self.config)
         parts = []
         for x, m in stats.padded_batches(frames, int(self.config.eval.batch_size),
                                          int(self.config.data.resolution)):
-            out = self._features(state.params, state.batch_stats, x)
+            out = features(state.params, state.batch_stats, x)
             parts.append({k: np.asarray(v)[:m] for k, v in out.items()
                           if keep_maps or k != "maps"})
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
@@ -94,6 +94,22 @@ def _with_defaults(saved: dict) -> ml_collections.ConfigDict:
         return {k: merge(v, over.get(k, {})) if isinstance(v, dict) else over.get(k, v)
                 for k, v in {**base, **over}.items()}
     return ml_collections.ConfigDict(merge(config_check.as_dict(default.get_config()), saved))
+
+
+_JITTED = {}
+
+
+def _jitted(kind: str, config):
+    """One jitted function per kind and network (runs of a grid share it: one compile)."""
+    from d2am_jax import state as state_lib
+    from d2am_jax import stats
+    key = (kind, config.model.to_json(sort_keys=True), int(config.data.resolution),
+           int(config.domains.stats_batch_size))
+    if key not in _JITTED:
+        make = {"features": _feature_fn, "predict": state_lib.make_predict,
+                "stats": lambda c: stats.make_stats_pass(c, int(c.domains.stats_batch_size))}
+        _JITTED[key] = make[kind](config)
+    return _JITTED[key]
 
 
 def _feature_fn(config):
@@ -170,8 +186,7 @@ def _slug(view: RunView) -> str:
 def _target_scores(view: RunView, state) -> tuple[np.ndarray, np.ndarray]:
     """Target labels and live scores, per video when the run evaluates per video."""
     from d2am_jax import evaluation
-    from d2am_jax import state as state_lib
-    predict = state_lib.make_predict(view.config)
+    predict = _jitted("predict", view.config)
     t = view.data.target
     s = evaluation.scores(predict, state, t, int(view.config.eval.batch_size),
                           int(view.config.data.resolution))
@@ -284,7 +299,7 @@ def _epoch_assignments(view: RunView):
     training does (train.epoch_domains, same seeds)."""
     from d2am_jax import stats, train
     spe, k = int(view.meta["steps_per_epoch"]), int(view.meta["k"])
-    stats_fn = stats.make_stats_pass(view.config, int(view.config.domains.stats_batch_size))
+    stats_fn = _jitted("stats", view.config)
     dc, data = view.config.domains, view.data.train
     for step in view.epoch_steps():
         state, restored = view.state("latest", step)

@@ -34,7 +34,8 @@ class Grid(NamedTuple):
 
 
 def _paper(table: str, hter_pct: float, auc_pct: float) -> dict:
-    return {"table": table, "hter_test_eer": hter_pct / 100.0, "auc": auc_pct / 100.0}
+    return {"table": table, "hter_test_eer": round(hter_pct / 100.0, 6),
+            "auc": round(auc_pct / 100.0, 6)}
 
 
 # D²AM's rows of the paper's tables (HTER %, AUC %), copied from ../shared/paper/d2am-aaai2021.md.

@@ -145,16 +145,23 @@ def main(argv=None) -> int:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    return run_grid(grid, runs, directory, args.seeds, args.last, args.jobs,
+                    "python experiments/run.py " + shlex.join(argv))
+
+
+def run_grid(grid: grids.Grid, runs: list[Run], directory: str, seeds: int, last: int,
+             jobs: int, command: str) -> int:
+    """Runs what is not finished (`jobs` side by side), then writes the summary; 1 if any run
+    failed (the summary says which and why), else 0."""
     os.makedirs(directory, exist_ok=True)
     todo = [r for r in runs if not finished(r)]
     print(f"{grid.name}: {len(runs)} runs, {len(runs) - len(todo)} already finished",
           flush=True)
-    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
         for run, status in zip(todo, pool.map(execute, todo)):
             print(f"{run.name}: {status['status']} ({status['seconds']:.1f} s) "
                   f"{status.get('error', '')}", flush=True)
-    command = "python experiments/run.py " + shlex.join(argv)
-    summary.write(grid, directory, args.seeds, args.last, command)
+    summary.write(grid, directory, seeds, last, command)
     print(f"wrote {directory}/summary.md and summary.csv", flush=True)
     failed = [r for r in runs if _status(r).get("status") != "done"]
     return 1 if failed else 0

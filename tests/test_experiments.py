@@ -212,3 +212,14 @@ def test_figures_from_a_finished_workdir(grid_dir, tmp_path):
     assert measured and all(math.isfinite(float(cells[1])) for cells in measured)
     h = np.load(tmp_path / "fig4ab_h_tsne.npz")
     assert h["run0_xy"].shape[1] == 2 and len(h["run0_xy"]) == len(h["run0_live"])
+
+
+def test_benchmark_config_is_locked_valid_and_documented():
+    from d2am_jax.configs import benchmark, synthetic
+    config = benchmark.get_config()
+    config_check.check(config)
+    with pytest.raises(AttributeError, match="nope"):
+        config.nope = 1
+    assert config.data.synthetic.per_domain == 2 * synthetic.get_config().data.synthetic.per_domain
+    assert "python -m d2am_jax.main --config d2am_jax/configs/benchmark.py" in benchmark.__doc__
+    assert "Expected run time" in benchmark.__doc__

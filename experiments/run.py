@@ -20,8 +20,10 @@ import concurrent.futures
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -33,6 +35,17 @@ import summary  # noqa: E402
 
 from d2am_jax import config_check  # noqa: E402
 from d2am_jax.errors import UserError  # noqa: E402
+
+# SIGTERM to the runner goes on to the running runs (each saves a checkpoint and stops, reported
+# as preempted) and no further run starts; rerunning the command resumes them.
+_STOP = threading.Event()
+_ACTIVE: set = set()
+
+
+def _forward_sigterm(signum, frame) -> None:
+    _STOP.set()
+    for proc in list(_ACTIVE):
+        proc.send_signal(signal.SIGTERM)
 
 
 class Run:
@@ -90,6 +103,8 @@ def finished(run: Run) -> bool:
 
 def execute(run: Run) -> dict:
     """Runs (or resumes) one run in its own process; run.json accumulates its attempts."""
+    if _STOP.is_set():
+        return {"status": "not started", "seconds": 0.0, "error": "the runner was stopped"}
     os.makedirs(run.workdir, exist_ok=True)
     child = os.path.join(run.workdir, "child.json")
     if os.path.exists(child):
@@ -99,7 +114,10 @@ def execute(run: Run) -> dict:
                "--workdir", run.workdir]
     t0 = time.time()
     with open(os.path.join(run.workdir, "run.log"), "a") as log:
-        proc = subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        _ACTIVE.add(proc)
+        proc.wait()
+        _ACTIVE.discard(proc)
     seconds = time.time() - t0
     result = {"status": "failed", "error": f"the run's process exited with code "
               f"{proc.returncode} and no report (see {run.workdir}/run.log)"}
@@ -154,13 +172,19 @@ def run_grid(grid: grids.Grid, runs: list[Run], directory: str, seeds: int, last
     """Runs what is not finished (`jobs` side by side), then writes the summary; 1 if any run
     failed (the summary says which and why), else 0."""
     os.makedirs(directory, exist_ok=True)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _forward_sigterm) if main_thread else None
     todo = [r for r in runs if not finished(r)]
     print(f"{grid.name}: {len(runs)} runs, {len(runs) - len(todo)} already finished",
           flush=True)
-    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
-        for run, status in zip(todo, pool.map(execute, todo)):
-            print(f"{run.name}: {status['status']} ({status['seconds']:.1f} s) "
-                  f"{status.get('error', '')}", flush=True)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+            for run, status in zip(todo, pool.map(execute, todo)):
+                print(f"{run.name}: {status['status']} ({status['seconds']:.1f} s) "
+                      f"{status.get('error', '')}", flush=True)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
     summary.write(grid, directory, seeds, last, command)
     print(f"wrote {directory}/summary.md and summary.csv", flush=True)
     failed = [r for r in runs if _status(r).get("status") != "done"]

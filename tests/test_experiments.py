@@ -1,7 +1,7 @@
 """The experiments: summary statistics against hand-computed values, the grids, bad input refused
 before anything trains, the runner end to end on the smoke config (a failed run reported, finished
 runs skipped) and the figures from its workdir; records with both HTERs and TPR@FPR 5 %; the
-source-validation floor.
+source-validation floor; the host side imports no jax.
 """
 
 import json
@@ -223,3 +223,14 @@ def test_benchmark_config_is_locked_valid_and_documented():
     assert config.data.synthetic.per_domain == 2 * synthetic.get_config().data.synthetic.per_domain
     assert "python -m d2am_jax.main --config d2am_jax/configs/benchmark.py" in benchmark.__doc__
     assert "Expected run time" in benchmark.__doc__
+
+
+def test_runner_grids_and_summary_import_no_jax():
+    import subprocess
+    code = ("import sys; sys.path[:0] = ['experiments']\n"
+            "import grids, run, summary\n"
+            "print([m for m in ('jax', 'jaxlib', 'flax') if m in sys.modules])\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"

@@ -138,7 +138,8 @@ def execute(run: Run) -> dict:
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False)  # a misspelled option is an error, never another option
     parser.add_argument("grid", help=f"one of {sorted(grids.GRIDS)}")
     parser.add_argument("--base", required=True, help="config file[:arg], e.g. "
                         "d2am_jax/configs/synthetic.py or d2am_jax/configs/protocols.py:OCM_I")

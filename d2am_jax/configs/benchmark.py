@@ -12,10 +12,10 @@ validation, so its threshold and best-checkpoint choice rest on 240 frames per c
 target has 200 videos, which resolves AUC to well under a point. 12 epochs; every epoch-end
 checkpoint is kept (figures.py's Fig. 6 and 7a read them). The runner's summary adds the mean of
 the last 3 evaluations, which smooths the epoch-to-epoch swing.
-Expected run time on the 2-core CPU: not yet measured end to end; estimated at about 8–10
-minutes per run from the main job's ≈0.3 s per meta-step (80 steps × 12 epochs, ≈1.5 min of
-compiling), so table3 (11 rows × 5 seeds) is about 8–9 hours. Whether a 5-seed interval separates
-methods 3 AUC points apart is still to be measured (RESULTS.md).
+Expected run time on the 2-core CPU: about 5 minutes per run (D²AM, seed 0: 281 s wall with the
+machine shared, load 3–5; 80 meta-steps × 12 epochs), so table3 (11 rows × 5 seeds) takes about
+4–5 hours. Whether a 5-seed interval separates methods 3 AUC points apart is still to be measured
+(RESULTS.md).
 """
 
 from d2am_jax.configs import synthetic

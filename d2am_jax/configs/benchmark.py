@@ -9,9 +9,9 @@ Why these sizes (issue 13): one synthetic main-job run's target HTER went 0.06�
 epoch with 15 source-validation videos per class. Here each of the 3 source domains has 800 frames
 (200 four-frame videos), 20 % of each class's videos (60 per class) are held out as source
 validation, so its threshold and best-checkpoint choice rest on 240 frames per class, and the
-target has 200 videos, which resolves AUC to well under a point. 12 epochs; every epoch-end
-checkpoint is kept (figures.py's Fig. 6 and 7a read them). The runner's summary adds the mean of
-the last 3 evaluations, which smooths the epoch-to-epoch swing.
+target has 200 videos, which resolves AUC to well under a point. 12 epochs; a checkpoint at each
+epoch end (one epoch is 80 steps) and all 12 kept, for figures.py's Fig. 6 and 7a. The runner's
+summary adds the mean of the last 3 evaluations, which smooths the epoch-to-epoch swing.
 Expected run time on the 2-core CPU: about 5 minutes per run (D²AM, seed 0: 281 s wall with the
 machine shared, load 3–5; 80 meta-steps × 12 epochs), so table3 (11 rows × 5 seeds) takes about
 4–5 hours. Whether a 5-seed interval separates methods 3 AUC points apart is still to be measured
@@ -26,5 +26,6 @@ def get_config():
     config.num_epochs = 12
     config.data.synthetic.per_domain = 800
     config.data.source_val_fraction = 0.2
+    config.checkpoint.every_steps = 80  # = one epoch: a killed run loses at most ~25 s
     config.checkpoint.keep = 12
     return config

@@ -11,8 +11,9 @@ clustering features df(x) coloured by the pseudo domains they were clustered int
 per epoch the MMD between pseudo domains and between true domains, measured in h — a space the
 clustering did not partition (in the clustered df(x) split, pseudo > true holds by construction)
 — and NMI with the previous assignment and with the true domains (metrics.jsonl).
-Figures 4–6 use the best checkpoint (or the newest); Fig. 6 and 7a use every epoch-end checkpoint
-still kept (set --config.checkpoint.keep ≥ num_epochs when training to keep them all).
+Figures 4–5 use the best checkpoint (or the newest); Fig. 6 and 7a use every epoch-end checkpoint
+still kept (to keep all: train with checkpoint.every_steps = the steps per epoch and
+checkpoint.keep ≥ num_epochs, as configs/benchmark.py does).
 """
 
 from __future__ import annotations

@@ -11,9 +11,12 @@ import numpy as np
 from d2am_jax import metrics, stats
 from d2am_jax.data.dataset import FasData
 
-RESULT_KEYS = ("epoch", "step", "hter", "auc", "eer", "tpr_at_fpr_1pct", "acer", "threshold",
-               "threshold_mode")
-_EXTRA_KEYS = ("val_eer", "val_auc", "unit", "num_live", "num_spoof", "apcer", "bpcer")
+RESULT_KEYS = ("epoch", "step", "hter", "hter_test_eer", "auc", "eer", "tpr_at_fpr_1pct",
+               "tpr_at_fpr_5pct", "acer", "threshold", "threshold_mode")
+# The source-validation split's size per class (units: `unit`, and frames), so a record states the
+# floor its threshold and best-checkpoint choice rest on.
+_EXTRA_KEYS = ("val_eer", "val_auc", "unit", "num_live", "num_spoof", "apcer", "bpcer",
+               "val_num_live", "val_num_spoof", "val_frames_live", "val_frames_spoof")
 
 
 def scores(predict, state, data: FasData, batch_size: int, resolution: int,
@@ -28,7 +31,8 @@ def scores(predict, state, data: FasData, batch_size: int, resolution: int,
 
 
 def evaluate(predict, state, target: FasData, val: FasData, config, placement=None) -> dict:
-    """Target metrics (threshold by eval.threshold_mode) and the source-validation EER/AUC."""
+    """Target metrics (threshold by eval.threshold_mode; `hter_test_eer` at the target's own EER
+    threshold whatever the mode) and the source-validation EER/AUC and size."""
     bs, r = int(config.eval.batch_size), int(config.data.resolution)
     val_scores = scores(predict, state, val, bs, r, placement)
     target_scores = scores(predict, state, target, bs, r, placement)
@@ -47,10 +51,15 @@ def evaluate(predict, state, target: FasData, val: FasData, config, placement=No
                                   video_ids=val.video if per_video else None)
     result["val_eer"] = val_result["eer"]
     result["val_auc"] = val_result["auc"]
+    result["val_num_live"] = val_result["num_live"]
+    result["val_num_spoof"] = val_result["num_spoof"]
+    result["val_frames_live"] = int((val.labels == 1).sum())
+    result["val_frames_spoof"] = int((val.labels == 0).sum())
     return result
 
 
 def record(result: dict, epoch: int, step: int) -> dict:
-    """One results.json record from `evaluate`'s output (RESULT_KEYS first)."""
+    """One results.json record from `evaluate`'s output (RESULT_KEYS first); train adds
+    `is_best` (this checkpoint is the best by source validation so far)."""
     keys = RESULT_KEYS[2:] + _EXTRA_KEYS
     return {"epoch": epoch, "step": step, **{key: result[key] for key in keys}}

@@ -156,7 +156,8 @@ def make_meta_step(config, placement=None) -> Callable:
     """`meta_step(state, batch, *, second_order) -> (state, metrics)`: jitted, state donated.
 
     `second_order` is static (each value compiles once). With `config.meta.grad_cosine` the
-    metrics also hold the cosine between this step's first- and second-order meta-gradients.
+    metrics also hold the cosine between this step's first- and second-order meta-gradients and
+    their norm ratio ‖first‖ / ‖second‖ (`grad_norm_ratio_first_second`), on the same batch.
     The batch is checked (`validate_batch`) before it reaches the compiled step. `placement`
     (`runtime.Placement`): the mesh a sharded run's state and batches live on.
     """
@@ -175,6 +176,9 @@ def make_meta_step(config, placement=None) -> Callable:
                 lambda p: objective(p, state.batch_stats, batch, key, not second_order)[0]
             )(state.params)
             metrics["grad_cosine_first_second"] = _cosine(grads, other)
+            first, second = (other, grads) if second_order else (grads, other)
+            metrics["grad_norm_ratio_first_second"] = state_lib.global_norm(first) / (
+                state_lib.global_norm(second) + 1e-30)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics.update(state_lib.gradient_norms(grads))

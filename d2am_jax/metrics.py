@@ -334,7 +334,8 @@ def evaluate(
     EER (what SSDG-style code reports; optimistic, for comparison with published tables);
     'fixed' — `threshold`. With `video_ids` (resp. `val_video_ids`) frame scores are first
     averaged per video, and the metrics count videos. `attack_types` (per frame) makes APCER the
-    maximum over attack types. hter and acer coincide unless attack types are given.
+    maximum over attack types. hter and acer coincide unless attack types are given. Whatever the
+    mode, `hter_test_eer` is HTER at the target's own EER threshold.
     """
     labels, scores = _checked_pair(labels, scores)
     types = attack_types
@@ -351,14 +352,18 @@ def evaluate(
         threshold_mode, labels, scores, threshold, val_labels, val_scores, val_video_ids
     )
     far, frr = far_frr(labels, scores, chosen)
-    test_eer, _ = eer(labels, scores)
+    test_eer, test_eer_threshold = eer(labels, scores)
     return {
         "hter": (far + frr) / 2.0,
+        # HTER at the target's own EER threshold: what published tables report (optimistic,
+        # it looks at the target's labels), kept beside the honest `hter` in every record.
+        "hter_test_eer": hter(labels, scores, test_eer_threshold),
         "far": far,
         "frr": frr,
         "auc": auc(labels, scores),
         "eer": test_eer,
         "tpr_at_fpr_1pct": tpr_at_fpr(labels, scores, 0.01),
+        "tpr_at_fpr_5pct": tpr_at_fpr(labels, scores, 0.05),
         **iso_errors(labels, scores, chosen, types),
         "threshold": chosen,
         "threshold_mode": threshold_mode,

@@ -327,13 +327,16 @@ def _evaluate(config, run: RunState, predict, state, data: sources.RunData, epoc
     """Evaluates on the target, records the result; True if source validation is the best yet."""
     result = evaluation.evaluate(predict, state, data.target, data.val, config, placement)
     record = evaluation.record(result, epoch, step)
-    run.results.append(record)
-    metric_log.write({"kind": "eval", **record})
     sign = 1.0 if config_check.BEST_METRICS[config.checkpoint.best_metric] == "min" else -1.0
     value = sign * float(result[config.checkpoint.best_metric])
-    best = run.best_value is None or value < run.best_value
+    # Ties go to the later checkpoint: a small validation set often reaches EER 0 early, and the
+    # earliest checkpoint to do so is the least trained of the tied ones.
+    best = run.best_value is None or value <= run.best_value
     if best:
         run.best_value = value
+    record["is_best"] = best
+    run.results.append(record)
+    metric_log.write({"kind": "eval", **record})
     if placement is None or placement.is_main_process:
         bar.write(f"epoch {epoch}: HTER {record['hter']:.4f} AUC {record['auc']:.4f} ACER "
                   f"{record['acer']:.4f} (threshold {record['threshold']:.4f}, "

@@ -67,6 +67,10 @@ def get_data_config() -> ml_collections.ConfigDict:
     d.source = ""                  # name='manifest' | 'synthetic': comma-separated source domains
     d.target = ""                  # name='manifest' | 'synthetic': comma-separated target domains
     d.source_val_fraction = 0.1    # share of source videos (per class) held out for source_val
+    # Floor of source validation, per class (never more than half a class's videos): a handful
+    # of validation scores gives a noisy threshold and ties in the best-checkpoint choice.
+    d.source_val_min_videos = 5
+    d.source_val_min_frames = 20
     d.cache_bytes = 8 << 30        # decoded frames kept in memory (data.sampler.CachedFrames)
     d.encoded_in_memory = True     # built data: keep the encoded records in memory (about the
     #                                dataset's size on disk); False streams them from ArrayRecord

@@ -38,7 +38,9 @@ def load(config, workdir: str) -> RunData:
         source, target, description = _synthetic(config)
     else:
         source, target, description = _built(config, workdir)
-    train_rows, val_rows = source_val_split(source, config.data.source_val_fraction, config.seed)
+    d = config.data
+    train_rows, val_rows = source_val_split(source, d.source_val_fraction, config.seed,
+                                            d.source_val_min_videos, d.source_val_min_frames)
     data = RunData(source.take(train_rows), source.take(val_rows), target, description)
     log.info("%s: %d source frames (%d train, %d source validation), %d target frames",
              description, len(source), len(data.train), len(data.val), len(target))
@@ -126,18 +128,32 @@ def _built(config, workdir: str) -> tuple[FasData, FasData, str]:
             _cached(target, config, f"{protocol.name} target"), protocol.name)
 
 
-def source_val_split(data: FasData, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def source_val_split(data: FasData, fraction: float, seed: int, min_videos: int = 1,
+                     min_frames: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """(train rows, validation rows) of the source: whole videos, `fraction` of each class's
-    videos (at least one each) held out, seeded by (seed, 7)."""
+    videos held out, seeded by (seed, 7), with a floor per class of `min_videos` videos and
+    `min_frames` frames; the floor never takes more than half a class's videos (at least one)."""
     rng = np.random.default_rng((seed, 7))
     val = np.zeros(len(data), bool)
     for label in (0, 1):
-        videos = np.unique(data.video[data.labels == label])
+        in_class = data.labels == label
+        videos, frames = np.unique(data.video[in_class], return_counts=True)
         if len(videos) < 2:
             raise UserError(
                 f"source validation needs ≥ 2 {'live' if label else 'spoof'} videos in the source "
                 f"(one to hold out, one to train on), found {len(videos)}")
-        count = min(len(videos) - 1, max(1, int(round(fraction * len(videos)))))
-        held = rng.choice(videos, count, replace=False)
-        val |= np.isin(data.video, held) & (data.labels == label)
+        order = rng.permutation(len(videos))
+        count = _held_out_count(frames[order], fraction, min_videos, min_frames)
+        val |= np.isin(data.video, videos[order[:count]]) & in_class
     return np.flatnonzero(~val), np.flatnonzero(val)
+
+
+def _held_out_count(frames: np.ndarray, fraction: float, min_videos: int, min_frames: int) -> int:
+    """How many of a class's videos (frame counts in hold-out order) to hold out: the share, raised
+    to the floor; a few validation scores make a noisy threshold and a tie-prone best checkpoint,
+    but training keeps at least half the videos (the floor yields there, the share never does)."""
+    n = len(frames)
+    share = min(n - 1, max(1, int(round(fraction * n))))
+    by_frames = int(np.searchsorted(np.cumsum(frames), min_frames)) + 1
+    floor = min(max(min_videos, by_frames), max(1, n // 2))
+    return max(share, floor)

@@ -1,0 +1,279 @@
+"""A grid's summary over seeds: mean ± std and a 95 % Student-t interval per row and metric, the
+paper's numbers beside them, paired differences, run time; per-epoch gradient diagnostics.
+
+Host-only (numpy, scipy; never jax): it reads results.json, metrics.jsonl and run.json files.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from collections import defaultdict
+
+import numpy as np
+from scipy import stats
+
+# Both HTERs (source-validation threshold: honest; the target's own EER threshold: what published
+# tables report), AUC and TPR at two spoof-acceptance budgets.
+METRICS = ("hter", "hter_test_eer", "auc", "tpr_at_fpr_1pct", "tpr_at_fpr_5pct")
+EPOCH_KEYS = ("grad_cosine_first_second", "grad_norm_ratio_first_second")
+
+
+def interval(values, confidence: float = 0.95) -> dict:
+    """n, mean, sample std (ddof 1) and the Student-t interval of the mean; NaN where n < 2."""
+    x = np.asarray([v for v in values if v is not None and math.isfinite(v)], np.float64)
+    n = int(x.size)
+    if n == 0:
+        return {"n": 0, "mean": math.nan, "std": math.nan, "lo": math.nan, "hi": math.nan}
+    mean = float(x.mean())
+    if n < 2:
+        return {"n": 1, "mean": mean, "std": math.nan, "lo": math.nan, "hi": math.nan}
+    std = float(x.std(ddof=1))
+    if std == 0.0:
+        return {"n": n, "mean": mean, "std": 0.0, "lo": mean, "hi": mean}
+    lo, hi = stats.t.interval(confidence, n - 1, loc=mean, scale=std / math.sqrt(n))
+    return {"n": n, "mean": mean, "std": std, "lo": float(lo), "hi": float(hi)}
+
+
+def run_values(results: list[dict], last_n: int) -> dict[str, dict[str, float]]:
+    """A run's target metrics: at the final evaluation, averaged over its last `last_n`
+    evaluations, and at the best checkpoint by source validation (the last record marked
+    is_best; ties already went to the later checkpoint)."""
+    if not results:
+        return {}
+    tail = results[-last_n:]
+    marked = [r for r in results if r.get("is_best")]
+    best = marked[-1] if marked else None
+    out = {"final": {m: results[-1].get(m) for m in METRICS},
+           f"last{last_n}": {m: _mean([r.get(m) for r in tail]) for m in METRICS}}
+    if best is not None:
+        out["best"] = {m: best.get(m) for m in METRICS}
+    return out
+
+
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
+
+
+def _read_json(path: str, default=None):
+    if not os.path.exists(path):
+        return default
+    with open(path) as f:
+        return json.load(f)
+
+
+def _read_jsonl(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def epoch_diagnostics(records: list[dict]) -> dict[int, dict[str, float]]:
+    """Per epoch, over its logged training steps: mean and minimum of the first/second-order
+    gradient cosine, mean of their norm ratio, median images per second."""
+    by_epoch = defaultdict(lambda: defaultdict(list))
+    for r in records:
+        if r.get("kind") != "train":
+            continue
+        for key in EPOCH_KEYS + ("images_per_s",):
+            if r.get(key) is not None:
+                by_epoch[int(r["epoch"])][key].append(float(r[key]))
+    out = {}
+    for epoch, values in sorted(by_epoch.items()):
+        row = {}
+        cos = values.get("grad_cosine_first_second")
+        if cos:
+            row["cosine_mean"], row["cosine_min"] = float(np.mean(cos)), float(np.min(cos))
+        ratio = values.get("grad_norm_ratio_first_second")
+        if ratio:
+            row["norm_ratio_mean"] = float(np.mean(ratio))
+        out[epoch] = row
+    return out
+
+
+def step_seconds(records: list[dict], images_per_step: int) -> float | None:
+    """Median seconds per training step from the logged images/s, the first record (it holds the
+    compile) left out."""
+    rates = [r["images_per_s"] for r in records if r.get("kind") == "train"][1:]
+    return float(images_per_step / np.median(rates)) if rates else None
+
+
+# ----------------------------------------------------------------------------- a grid
+
+
+def collect(grid, directory: str, seeds: int, last_n: int) -> list[dict]:
+    """One dict per row: its runs' values (per seed), failures, seconds, per-epoch diagnostics."""
+    rows = []
+    for row in grid.rows:
+        entry = {"row": row.name, "paper": row.paper, "values": defaultdict(dict), "failed": [],
+                 "seconds": 0.0, "done": 0, "epochs": defaultdict(list), "step_s": [],
+                 "peak_rss_bytes": []}
+        for seed in range(seeds):
+            workdir = run_dir(directory, row.name, seed)
+            status = _read_json(os.path.join(workdir, "run.json"), {})
+            entry["seconds"] += float(status.get("seconds", 0.0))
+            if status.get("status") != "done":
+                entry["failed"].append((seed, status.get("status", "not run"),
+                                        status.get("error", "")))
+                continue
+            entry["done"] += 1
+            results = _read_json(os.path.join(workdir, "results.json"), [])
+            for which, values in run_values(results, last_n).items():
+                entry["values"][which][seed] = values
+            records = _read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+            for epoch, diag in epoch_diagnostics(records).items():
+                entry["epochs"][epoch].append(diag)
+            config = _read_json(os.path.join(workdir, "config.json"), {})
+            images = config.get("meta", {}).get("num_domains", 0) * \
+                config.get("meta", {}).get("per_domain_batch", 0)
+            entry["step_s"].append(step_seconds(records, images) if images else None)
+            entry["peak_rss_bytes"].append(status.get("peak_rss_bytes"))
+        rows.append(entry)
+    return rows
+
+
+def run_dir(directory: str, row: str, seed: int) -> str:
+    return os.path.join(directory, row, f"seed_{seed}")
+
+
+def table(rows: list[dict]) -> list[dict]:
+    """The long table of summary.csv: one line per row × evaluation × metric."""
+    out = []
+    for entry in rows:
+        for which, per_seed in entry["values"].items():
+            for metric in METRICS:
+                values = [per_seed[s][metric] for s in sorted(per_seed)]
+                paper = entry["paper"].get(metric)
+                out.append({"row": entry["row"], "evaluation": which, "metric": metric,
+                            **interval(values), "paper": paper,
+                            "paper_table": entry["paper"].get("table") if paper else None,
+                            "seeds_done": entry["done"], "seeds_failed": len(entry["failed"]),
+                            "row_seconds": round(entry["seconds"], 1)})
+    return out
+
+
+def paired(rows: list[dict], which: str = "final") -> list[dict]:
+    """Each row against the grid's first row, seed by seed (the same seeds: paired), for AUC and
+    both HTERs: the mean difference and its interval."""
+    if not rows:
+        return []
+    ref = rows[0]
+    out = []
+    for entry in rows[1:]:
+        for metric in ("auc", "hter", "hter_test_eer"):
+            a, b = ref["values"].get(which, {}), entry["values"].get(which, {})
+            seeds = sorted(set(a) & set(b))
+            diffs = [b[s][metric] - a[s][metric] for s in seeds
+                     if a[s][metric] is not None and b[s][metric] is not None]
+            out.append({"row": entry["row"], "reference": ref["row"], "metric": metric,
+                        **interval(diffs)})
+    return out
+
+
+def _fmt(stat: dict, scale: float = 100.0) -> str:
+    if stat["n"] == 0:
+        return "—"
+    mean = f"{scale * stat['mean']:.2f}"
+    if stat["n"] < 2:
+        return f"{mean} (n=1)"
+    return (f"{mean} ± {scale * stat['std']:.2f} [{scale * stat['lo']:.2f}, "
+            f"{scale * stat['hi']:.2f}]")
+
+
+def markdown(grid, rows: list[dict], seeds: int, last_n: int, command: str) -> str:
+    """summary.md: per evaluation (final, last N, best) a table of rows × metrics in %, the
+    paper's numbers, paired differences, failures, time and the per-epoch diagnostics."""
+    lines = [f"# {grid.name}: {grid.description}", "", f"Command: `{command}`", "",
+             f"Seeds 0–{seeds - 1} per row (paired: every row uses the same seeds). Values in %: "
+             "mean ± std [95 % Student-t interval of the mean] over the seeds that finished. "
+             "`hter`: threshold at the source-validation EER (nothing of the target used); "
+             "`hter_test_eer`: threshold at the target's own EER (what published tables report).",
+             ""]
+    long = table(rows)
+    for which in ("final", f"last{last_n}", "best"):
+        header = {"final": "final evaluation", f"last{last_n}": f"mean of the last {last_n} "
+                  "evaluations", "best": "best checkpoint by source validation (ties: later)"}
+        lines += [f"## Target metrics at the {header[which]}", "",
+                  "| row | " + " | ".join(METRICS) + " | paper (HTER / AUC) |",
+                  "| --- | " + " | ".join("---" for _ in METRICS) + " | --- |"]
+        for entry in rows:
+            cells = {r["metric"]: _fmt(r) for r in long
+                     if r["row"] == entry["row"] and r["evaluation"] == which}
+            paper = entry["paper"]
+            ref = (f"{100 * paper['hter_test_eer']:.2f} / {100 * paper['auc']:.2f} "
+                   f"({paper['table']})" if paper else "—")
+            lines.append(f"| {entry['row']} | " + " | ".join(cells.get(m, "—") for m in METRICS)
+                         + f" | {ref} |")
+        lines.append("")
+    pairs = paired(rows)
+    if pairs:
+        lines += [f"## Paired differences against `{rows[0]['row']}` (final evaluation, "
+                  "row − reference, points)", "", "| row | metric | mean ± std [95 %] |",
+                  "| --- | --- | --- |"]
+        lines += [f"| {p['row']} | {p['metric']} | {_fmt(p)} |" for p in pairs]
+        lines.append("")
+    lines += ["## Runs and time", "", "| row | seeds done | failed | row seconds | median step s "
+              "| peak RSS GB |", "| --- | --- | --- | --- | --- | --- |"]
+    for entry in rows:
+        step = [s for s in entry["step_s"] if s is not None]
+        rss = [r for r in entry["peak_rss_bytes"] if r]
+        step_cell = f"{np.median(step):.3f}" if step else "—"
+        rss_cell = f"{max(rss) / 1e9:.2f}" if rss else "—"
+        lines.append(f"| {entry['row']} | {entry['done']} | {len(entry['failed'])} | "
+                     f"{entry['seconds']:.1f} | {step_cell} | {rss_cell} |")
+    failures = [(e["row"], *f) for e in rows for f in e["failed"]]
+    if failures:
+        lines += ["", "## Failed or unfinished runs", ""]
+        lines += [f"- {row} seed {seed}: **{status}** — {error}"
+                  for row, seed, status, error in failures]
+    diag = epoch_table(rows)
+    if diag:
+        lines += ["", "## Per epoch: cosine and norm ratio ‖first‖/‖second‖ of the two "
+                  "meta-gradients (same batch), over steps and seeds", "",
+                  "| row | epoch | cosine mean | cosine min | norm ratio mean |",
+                  "| --- | --- | --- | --- | --- |"]
+        lines += [f"| {d['row']} | {d['epoch']} | {d['cosine_mean']:.4f} | "
+                  f"{d['cosine_min']:.4f} | {d['norm_ratio_mean']:.4f} |" for d in diag]
+    return "\n".join(lines) + "\n"
+
+
+def epoch_table(rows: list[dict]) -> list[dict]:
+    """Per row and epoch: the seeds' mean cosine, their minimum cosine, the mean norm ratio."""
+    out = []
+    for entry in rows:
+        for epoch, per_seed in sorted(entry["epochs"].items()):
+            have = [d for d in per_seed if "cosine_mean" in d]
+            if not have:
+                continue
+            out.append({"row": entry["row"], "epoch": epoch,
+                        "cosine_mean": float(np.mean([d["cosine_mean"] for d in have])),
+                        "cosine_min": float(np.min([d["cosine_min"] for d in have])),
+                        "norm_ratio_mean": float(np.mean([d["norm_ratio_mean"] for d in have]))})
+    return out
+
+
+def write(grid, directory: str, seeds: int, last_n: int, command: str) -> list[dict]:
+    """Writes summary.md, summary.csv (and summary_epochs.csv when there are gradient
+    diagnostics) into `directory`; returns the collected rows."""
+    rows = collect(grid, directory, seeds, last_n)
+    with open(os.path.join(directory, "summary.md"), "w") as f:
+        f.write(markdown(grid, rows, seeds, last_n, command))
+    _write_csv(os.path.join(directory, "summary.csv"), table(rows))
+    diag = epoch_table(rows)
+    if diag:
+        _write_csv(os.path.join(directory, "summary_epochs.csv"), diag)
+    return rows
+
+
+def _write_csv(path: str, records: list[dict]) -> None:
+    if not records:
+        open(path, "w").close()
+        return
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(records[0]))
+        writer.writeheader()
+        writer.writerows(records)

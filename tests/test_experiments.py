@@ -1,0 +1,236 @@
+"""The experiments: summary statistics against hand-computed values, the grids, bad input refused
+before anything trains, the runner end to end on the smoke config (a failed run reported, finished
+runs skipped) and the figures from its workdir; records with both HTERs and TPR@FPR 5 %; the
+source-validation floor; the host side imports no jax.
+"""
+
+import json
+import math
+import os
+import sys
+import tempfile
+
+import numpy as np
+import pytest
+
+from d2am_jax import config_check, metrics
+from d2am_jax.data import sources
+from d2am_jax.data.dataset import FasData
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "experiments"))
+
+import grids  # noqa: E402
+import run as runner  # noqa: E402
+import summary  # noqa: E402
+
+CACHE = os.path.join(tempfile.gettempdir(), "d2am_jax-test-xla-cache")
+SMOKE = "d2am_jax/configs/smoke.py"
+SMALL = {"num_epochs": 1, "steps_per_epoch": 2, "jax_cache_dir": CACHE, "progress": False}
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def test_interval_is_student_t_of_the_mean():
+    # mean 0.9, sample std 0.1, t(0.975, df=2) = 4.302653 → half-width 4.302653·0.1/√3 = 0.248414
+    stat = summary.interval([0.8, 0.9, 1.0])
+    assert stat["n"] == 3
+    assert stat["mean"] == pytest.approx(0.9)
+    assert stat["std"] == pytest.approx(0.1)
+    assert stat["lo"] == pytest.approx(0.651586, abs=1e-6)
+    assert stat["hi"] == pytest.approx(1.148414, abs=1e-6)
+    one = summary.interval([0.5, None])
+    assert one["n"] == 1 and one["mean"] == 0.5 and math.isnan(one["lo"])
+
+
+def test_run_values_final_last_n_and_best():
+    results = [{"auc": a, "hter": h, "is_best": b} for a, h, b in
+               ((0.6, 0.4, True), (0.8, 0.3, True), (0.7, 0.2, False), (0.9, 0.1, False))]
+    values = summary.run_values(results, last_n=3)
+    assert values["final"]["auc"] == 0.9
+    assert values["last3"]["auc"] == pytest.approx(0.8)      # (0.8 + 0.7 + 0.9) / 3
+    assert values["best"]["hter"] == 0.3                     # the later of the two marked best
+    assert values["final"]["tpr_at_fpr_5pct"] is None        # absent from these records
+
+
+def _fake_run(directory, row, seed, status, results=(), error=""):
+    workdir = summary.run_dir(directory, row, seed)
+    os.makedirs(workdir)
+    with open(os.path.join(workdir, "run.json"), "w") as f:
+        json.dump({"status": status, "error": error, "seconds": 10.0}, f)
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+        json.dump(list(results), f)
+
+
+def test_summary_sets_paper_values_beside_and_reports_failures(tmp_path):
+    grid = grids.get("table3", "d2am,erm")
+    record = lambda auc: {m: 0.5 for m in summary.METRICS} | {"auc": auc, "is_best": True}  # noqa
+    _fake_run(tmp_path, "d2am", 0, "done", [record(0.9)])
+    _fake_run(tmp_path, "d2am", 1, "done", [record(0.8)])
+    _fake_run(tmp_path, "erm", 0, "done", [record(0.7)])
+    _fake_run(tmp_path, "erm", 1, "failed", error="UserError: config.data.target: no domain 9")
+    rows = summary.write(grid, str(tmp_path), seeds=2, last_n=1, command="cmd")
+    text = (tmp_path / "summary.md").read_text()
+    assert "erm seed 1: **failed** — UserError: config.data.target: no domain 9" in text
+    assert "15.43 / 91.22 (Table 3 (O&C&M→I))" in text                # the paper's D²AM row
+    assert "85.00 ± 7.07" in text                                     # d2am AUC over 2 seeds
+    lines = (tmp_path / "summary.csv").read_text().splitlines()
+    auc = [line for line in lines if line.startswith("d2am,final,auc,")]
+    assert auc and ",0.9122,Table 3" in auc[0]
+    pairs = summary.paired(rows)
+    erm_auc = [p for p in pairs if p["row"] == "erm" and p["metric"] == "auc"][0]
+    assert erm_auc["n"] == 1 and erm_auc["mean"] == pytest.approx(-0.2)   # seed 0 only
+
+
+# ----------------------------------------------------------------------------- grids and input
+
+
+def test_grids_rows_build_and_pass_the_checks():
+    assert [r.name for r in grids.get("table1").rows] == ["OCI_M", "OCM_I", "OMI_C", "ICM_O"]
+    assert grids.get("table2").rows[1].paper == {"table": "Table 2", "hter_test_eer": 0.277,
+                                                 "auc": 0.7536}
+    assert len(grids.get("order_study").rows) == 2 * len(grids.ALPHAS) + 2
+    for name in ("table3", "order_study"):
+        for row in grids.get(name).rows:
+            config = grids.build_config(SMOKE, row.overrides, seed=1)
+            config_check.check(config)
+    config = grids.build_config("d2am_jax/configs/protocols.py:MI_O",
+                                grids.get("table2").rows[1].overrides, 0)
+    assert config.data.protocol == "MI_O"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["nogrid"], "unknown grid 'nogrid'"),
+    (["table3", "--rows", "d2am,nope"], "no row(s) ['nope']"),
+    (["table3", "--config.meta.nope=1"], "config.meta.nope is not a field"),
+    (["table3", "--config.meta.inner_lr=abc"], "config.meta.inner_lr='abc' rejected"),
+    (["table3", "--config.meta.lambda_p=-1"], "row 'd2am': config.meta.lambda_p: expected"),
+])
+def test_bad_input_is_one_error_before_anything_trains(argv, message, tmp_path, capsys):
+    code = runner.main(argv + ["--base", SMOKE, "--seeds", "1", "--workdir", str(tmp_path)])
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not os.listdir(tmp_path)
+
+
+def test_a_workdir_holding_another_config_is_refused(tmp_path, capsys):
+    other = grids.build_config(SMOKE, {"meta.lambda_m": 0.5}, seed=0)  # not a resumable field
+    os.makedirs(tmp_path / "d2am" / "seed_0")
+    (tmp_path / "d2am" / "seed_0" / "config.json").write_text(other.to_json_best_effort())
+    code = runner.main(["table3", "--rows", "d2am", "--base", SMOKE, "--seeds", "1",
+                        "--workdir", str(tmp_path)])
+    assert code == 2
+    assert "holds a run with a different config" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path / "d2am" / "seed_0")) == ["config.json"]
+
+
+# ----------------------------------------------------------------------------- records
+
+
+def test_records_hold_both_hters_and_tpr_at_5pct():
+    # Target: live scores .9 .8 .4, spoof .7 .3 .2 .1; source validation sets threshold 0.85.
+    labels, scores = [1, 1, 1, 0, 0, 0, 0], [0.9, 0.8, 0.4, 0.7, 0.3, 0.2, 0.1]
+    result = metrics.evaluate(labels, scores, val_labels=[1, 1, 0, 0],
+                              val_scores=[0.9, 0.85, 0.5, 0.1])
+    assert result["threshold"] == 0.85
+    assert result["hter"] == pytest.approx((0 + 2 / 3) / 2)        # only .9 accepted
+    # The target's own EER threshold (0.7 or 0.8) leaves one error per class or fewer.
+    assert result["hter_test_eer"] == pytest.approx(metrics.hter(labels, scores,
+                                                                 metrics.eer(labels, scores)[1]))
+    assert result["hter_test_eer"] < result["hter"]
+    assert result["tpr_at_fpr_5pct"] == pytest.approx(2 / 3)       # FPR 0 at threshold .8
+
+
+def test_source_validation_floor():
+    videos = np.repeat([f"v{i}" for i in range(40)], 2)           # 40 videos of 2 frames
+    labels = np.repeat(np.arange(40) % 2, 2).astype(np.int32)     # 20 videos per class
+    data = FasData(None, labels, None, videos, np.full(80, "d"), np.full(80, ""))
+    held = lambda val: len(np.unique(videos[val]))                 # noqa: E731
+    _, val = sources.source_val_split(data, 0.1, seed=0)          # share only: 2 per class
+    assert held(val) == 4
+    _, val = sources.source_val_split(data, 0.1, 0, min_videos=5)
+    assert held(val) == 10
+    _, val = sources.source_val_split(data, 0.1, 0, min_videos=1, min_frames=13)
+    assert held(val) == 14                                         # 7 videos = 14 frames ≥ 13
+    _, val = sources.source_val_split(data, 0.1, 0, min_videos=50)
+    assert held(val) == 20                                         # the floor yields at half
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def grid_dir(tmp_path_factory):
+    """A two-row grid on the smoke config, 2 seeds: D²AM, and a row whose runs fail (a target
+    domain that does not exist), run by the runner as the command line does."""
+    directory = str(tmp_path_factory.mktemp("grid"))
+    grid = grids.Grid("smoke_grid", (grids.Row("d2am", {}, {}),
+                                     grids.Row("bad_target", {"data.target": "9"}, {})), "test")
+    runs = runner.plan(grid, SMOKE, 2, directory, SMALL)
+    code = runner.run_grid(grid, runs, directory, 2, 1, 1, "test")
+    return grid, runs, directory, code
+
+
+def test_runner_runs_the_grid_reports_the_failure_and_skips_finished_runs(grid_dir):
+    grid, runs, directory, code = grid_dir
+    assert code == 1                                               # a row failed
+    text = open(os.path.join(directory, "summary.md")).read()
+    assert "bad_target seed 0: **failed** — UserError: config.data.target" in text
+    rows = summary.collect(grid, directory, 2, 1)
+    assert rows[0]["done"] == 2 and rows[1]["done"] == 0
+    for seed in (0, 1):
+        with open(os.path.join(summary.run_dir(directory, "d2am", seed), "results.json")) as f:
+            record = json.load(f)[-1]
+        for key in ("hter", "hter_test_eer", "tpr_at_fpr_1pct", "tpr_at_fpr_5pct", "is_best",
+                    "val_num_live", "val_frames_spoof"):
+            assert key in record
+    assert runner.finished(runs[0]) and not runner.finished(runs[2])
+    before = json.load(open(os.path.join(runs[0].workdir, "run.json")))
+    runner.run_grid(grid, runs[:2], directory, 2, 1, 1, "test")  # the finished D²AM runs
+    after = json.load(open(os.path.join(runs[0].workdir, "run.json")))
+    assert after["attempts"] == before["attempts"]                 # skipped, not rerun
+    more = grids.build_config(SMOKE, {**SMALL, "num_epochs": 2}, seed=0)
+    runs[0].config = more                                          # a resumable change
+    assert not runner.finished(runs[0])                            # reopens the run
+
+
+def test_figures_from_a_finished_workdir(grid_dir, tmp_path):
+    import figures
+    _, runs, _, _ = grid_dir
+    assert figures.main(["--workdir", runs[0].workdir, runs[1].workdir,
+                         "--out", str(tmp_path)]) == 0
+    made = set(os.listdir(tmp_path))
+    for name in ("fig3_roc", "fig4ab_h_tsne", "fig4cd_d2am_seed_0", "fig5_d2am_seed_0",
+                 "fig6_d2am_seed_0", "fig7_d2am_seed_0"):
+        assert f"{name}.png" in made
+    roc = (tmp_path / "fig3_roc.csv").read_text().splitlines()
+    assert roc[0] == "run,fpr,tpr,threshold" and len({line.split(",")[0] for line in roc[1:]}) == 2
+    fig7 = (tmp_path / "fig7_d2am_seed_0.csv").read_text().splitlines()
+    assert fig7[0].startswith("epoch,mmd2_h_pseudo,mmd2_h_true,nmi_previous")
+    measured = [line.split(",") for line in fig7[1:] if line.split(",")[1]]
+    assert measured and all(math.isfinite(float(cells[1])) for cells in measured)
+    h = np.load(tmp_path / "fig4ab_h_tsne.npz")
+    assert h["run0_xy"].shape[1] == 2 and len(h["run0_xy"]) == len(h["run0_live"])
+
+
+def test_benchmark_config_is_locked_valid_and_documented():
+    from d2am_jax.configs import benchmark, synthetic
+    config = benchmark.get_config()
+    config_check.check(config)
+    with pytest.raises(AttributeError, match="nope"):
+        config.nope = 1
+    assert config.data.synthetic.per_domain == 2 * synthetic.get_config().data.synthetic.per_domain
+    assert "python -m d2am_jax.main --config d2am_jax/configs/benchmark.py" in benchmark.__doc__
+    assert "Expected run time" in benchmark.__doc__
+
+
+def test_runner_grids_and_summary_import_no_jax():
+    import subprocess
+    code = ("import sys; sys.path[:0] = ['experiments']\n"
+            "import grids, run, summary\n"
+            "print([m for m in ('jax', 'jaxlib', 'flax') if m in sys.modules])\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"

@@ -79,7 +79,7 @@ def test_wait_time_counts_only_waiting_for_batches():
     list(slow)
     assert slow.wait_seconds >= 0.1
     fast = Prefetcher(lambda i: i, range(3), depth=3)
-    time.sleep(0.05)
+    time.sleep(0.5)                       # all three are queued before the consumer asks
     list(fast)
     assert fast.wait_seconds < 0.05
 

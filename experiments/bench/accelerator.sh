@@ -11,7 +11,9 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 py="${PYTHON:-python3}"   # the GPU machine's python3 has jax; here: PYTHON=.venv/bin/python
 if [[ "${1:-}" == "--fetch-wheels" ]]; then
-  "$py" -m pip download --no-deps -d .wheels ml-collections absl-py PyYAML
+  # For the GPU machine's Python 3.12 on x86-64, whatever this machine runs.
+  "$py" -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+    --platform manylinux2014_x86_64 -d .wheels ml-collections absl-py PyYAML
   exit 0
 fi
 out="${OUT:-/tmp/accelerator}"

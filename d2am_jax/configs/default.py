@@ -32,7 +32,7 @@ def get_model_config() -> ml_collections.ConfigDict:
     # own convolutions (the CPU-tuned ops are float32 only).
     m.dtype = "float32"
     # Rematerialise E in the backward pass: '' (save everything) or a jax.checkpoint_policies
-    # name, e.g. 'nothing_saveable' (least memory) or 'dots_with_no_batch_dims_saveable'.
+    # name, e.g. 'nothing_saveable'. Whole-E only: it does not lower the peak (BENCHMARKS.md).
     m.remat_policy = ""
     return m
 

@@ -92,8 +92,8 @@ class RunView:
 def _with_defaults(saved: dict) -> ml_collections.ConfigDict:
     """The saved config over the current defaults, so a run from before a field existed loads."""
     def merge(base: dict, over: dict) -> dict:
-        return {k: merge(v, over.get(k, {})) if isinstance(v, dict) else over.get(k, v)
-                for k, v in {**base, **over}.items()}
+        return {k: merge(base[k], over.get(k, {})) if isinstance(base.get(k), dict)
+                else over.get(k, base.get(k)) for k in {**base, **over}}
     return ml_collections.ConfigDict(merge(config_check.as_dict(default.get_config()), saved))
 
 

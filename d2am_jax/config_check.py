@@ -15,6 +15,7 @@ from d2am_jax.errors import UserError
 
 METHODS = ("d2am", "erm")
 ENTROPY_HEADS = ("paper", "adversarial")   # model.entropy_head (models.DRLM)
+BATCH_NORMS = ("per_domain", "pooled")     # meta.batch_norm (meta.make_objective)
 POOL_WINDOWS = (3, 2)                      # model.pool_window (models.max_pool)
 BEST_METRICS = {"val_eer": "min", "val_auc": "max"}
 # Config fields a resumed run may change: how long it runs and how it logs, how its input is
@@ -92,6 +93,7 @@ def check(config) -> None:
     need(_finite(c.model.bn_epsilon) and c.model.bn_epsilon > 0, "model.bn_epsilon",
          "a finite number > 0")
     need(m.num_domains >= 2, "meta.num_domains", "K ≥ 2 (K-1 meta-train + 1 meta-test)")
+    need(m.batch_norm in BATCH_NORMS, "meta.batch_norm", f"one of {BATCH_NORMS}")
     need(m.per_domain_batch >= 2 and m.per_domain_batch % 2 == 0, "meta.per_domain_batch",
          "an even number ≥ 2 (half live, half spoof)")
     need(_finite(m.outer_lr) and m.outer_lr > 0, "meta.outer_lr", "a finite β > 0")

@@ -79,11 +79,14 @@ def make_objective(config) -> Callable:
         depth = models.depth_input(depth, dtype)
 
         # E and D on all K domain batches as one flat batch of K·B images; BatchNorm keeps batch
-        # statistics per domain batch (groups=K). One flat batch gives XLA's GEMMs K× larger
-        # operands than a vmap over domains, and the fused units of `ops` apply directly.
+        # statistics per domain batch (groups=K) or, with meta.batch_norm='pooled', over all K·B.
+        # One flat batch gives XLA's GEMMs K× larger operands than a vmap over domains, and the
+        # fused units of `ops` apply directly.
         b = x.shape[1]
+        groups = k if mc.batch_norm == "per_domain" else 1
         e_train = models.rematerialized(
-            lambda variables, x: E.apply(variables, x, True, groups=k, mutable=["batch_stats"]),
+            lambda variables, x: E.apply(variables, x, True, groups=groups,
+                                         mutable=["batch_stats"]),
             config.model)
         (feat, blocks, drlm), new_e = e_train(
             {"params": params["E"], "batch_stats": batch_stats["E"]},
@@ -92,7 +95,7 @@ def make_objective(config) -> Callable:
             {"params": params["D"], "batch_stats": batch_stats["D"]},
             blocks,
             True,
-            groups=k,
+            groups=groups,
             mutable=["batch_stats"],
         )
         per_domain = lambda a: a.reshape(k, b, *a.shape[1:])

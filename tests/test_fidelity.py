@@ -103,3 +103,48 @@ def test_erm_loss_carries_the_entropy_head_and_drlm_diagnostics():
     _, (_, metrics) = jax.eval_shape(erm.make_loss(config), params.params, params.batch_stats,
                                      batch, jax.random.PRNGKey(0))
     assert {"loss/entropy_head", "drlm/p_margin_3", "drlm/wp_norm_3"} <= set(metrics)
+
+
+# ----------------------------------------------------------------------------- meta.batch_norm
+
+
+def test_meta_batch_norm_pooled_normalises_e_over_all_k_domain_batches():
+    """meta.batch_norm='pooled' gives E's BatchNorm the moments of all K·B images (as ERM's one
+    batch), 'per_domain' those of each domain batch; with domain batches of different brightness
+    the two differ, and each equals E run by hand on the flat batch with groups=1 or K."""
+    from conftest import random_meta_batch
+
+    from d2am_jax import meta
+
+    config = tiny_config()
+    batch = random_meta_batch(config)
+    batch["x"][0] += 0.5          # domain batch 0 brighter: between-domain variance
+    k, b, r = batch["x"].shape[:3]
+    st = state_lib.init_state(config, jax.random.PRNGKey(0))
+    E, _, _ = models.build_modules(config.model)
+    flat = models.model_input(jnp.asarray(batch["x"]).reshape(k * b, r, r, 6))
+    first = lambda s: s["E"]["ConvBNReLU_0"]["BatchNorm_0"]["var"]  # noqa: E731
+    got = {}
+    for mode, groups in (("per_domain", k), ("pooled", 1)):
+        config.meta.batch_norm = mode
+        _, (new_stats, _) = meta.make_objective(config)(
+            st.params, st.batch_stats, batch, jax.random.PRNGKey(1), True)
+        _, by_hand = E.apply({"params": st.params["E"], "batch_stats": st.batch_stats["E"]},
+                             flat, True, groups=groups, mutable=["batch_stats"])
+        np.testing.assert_allclose(first(new_stats), first({"E": by_hand["batch_stats"]}),
+                                   rtol=1e-5)
+        got[mode] = np.asarray(first(new_stats))
+    # Pooled variance = mean within-domain variance + between-domain variance.
+    assert np.all(got["pooled"] >= got["per_domain"] - 1e-6)
+    assert np.mean(got["pooled"] - got["per_domain"]) > 1e-4, got
+
+
+def test_meta_batch_norm_misspelled_is_an_error_naming_the_field():
+    import pytest
+
+    from d2am_jax import config_check
+
+    config = tiny_config()
+    config.meta.batch_norm = "pooled_over_domains"
+    with pytest.raises(ValueError, match="meta.batch_norm"):
+        config_check.check(config)

@@ -50,6 +50,11 @@ def get_meta_config() -> ml_collections.ConfigDict:
     c.second_order = True          # exact meta-gradient through the inner step
     c.grad_cosine = False          # also report cos(first-order, second-order meta-gradient)
     c.weight_decay = 0.0           # outer Adam weight decay (paper: none stated)
+    # BatchNorm batch statistics of E and D in the meta-step: 'per_domain' (each domain batch its
+    # own, as a separate forward pass per domain gives; the paper does not say) | 'pooled' (all
+    # K·B images together, as ERM's one batch). M is per domain either way: its inner step sees
+    # one domain batch. Evaluation uses running averages, which 'per_domain' never trained E on.
+    c.batch_norm = "per_domain"
     return c
 
 

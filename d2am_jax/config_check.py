@@ -145,9 +145,21 @@ def differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 
+def with_defaults(saved: dict) -> dict:
+    """A saved config with the fields it predates filled in from configs/default.py: a field is
+    only ever added with the default that reproduces the behaviour from before it existed."""
+    from d2am_jax.configs import default
+
+    def merge(base: dict, over: dict) -> dict:
+        return {k: merge(base[k], over.get(k, {})) if isinstance(base.get(k), dict)
+                else over.get(k, base.get(k)) for k in {**base, **over}}
+    return merge(as_dict(default.get_config()), saved)
+
+
 def resumable_changes(saved: dict, config, where: str) -> list[str]:
-    """The fields a resume changes (allowed: RESUMABLE_CHANGES); UserError for any other."""
-    changed = differences(saved, as_dict(config))
+    """The fields a resume changes (allowed: RESUMABLE_CHANGES); UserError for any other. A
+    field the saved run predates counts as its default (`with_defaults`)."""
+    changed = differences(with_defaults(saved), as_dict(config))
     allowed = [f for f in changed if any(f == p or f.startswith(p) for p in RESUMABLE_CHANGES)]
     refused = [f for f in changed if f not in allowed]
     if refused:

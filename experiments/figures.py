@@ -38,7 +38,6 @@ from sklearn import metrics as skm  # noqa: E402
 from sklearn.manifold import TSNE  # noqa: E402
 
 from d2am_jax import checkpointing, config_check, domains, metrics  # noqa: E402
-from d2am_jax.configs import default  # noqa: E402
 from d2am_jax.errors import UserError  # noqa: E402
 
 MARKERS = {1: "o", 0: "^"}  # live ●, spoof ▲
@@ -59,7 +58,7 @@ class RunView:
             raise UserError(f"{workdir}: no checkpoint under {self.ckpt.latest_dir}; train first")
         _, saved = self.ckpt.read_meta(which)
         self.meta = saved
-        self.config = _with_defaults(saved["config"])
+        self.config = ml_collections.ConfigDict(config_check.with_defaults(saved["config"]))
         from d2am_jax import runtime
         runtime.start(self.config)  # the run's compilation cache, if it had one
         self.label = f"{os.path.basename(os.path.dirname(self.workdir))}/" \
@@ -87,14 +86,6 @@ class RunView:
             parts.append({k: np.asarray(v)[:m] for k, v in out.items()
                           if keep_maps or k != "maps"})
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-
-
-def _with_defaults(saved: dict) -> ml_collections.ConfigDict:
-    """The saved config over the current defaults, so a run from before a field existed loads."""
-    def merge(base: dict, over: dict) -> dict:
-        return {k: merge(base[k], over.get(k, {})) if isinstance(base.get(k), dict)
-                else over.get(k, base.get(k)) for k in {**base, **over}}
-    return ml_collections.ConfigDict(merge(config_check.as_dict(default.get_config()), saved))
 
 
 _JITTED = {}

@@ -66,6 +66,9 @@ def plan(grid: grids.Grid, base: str, seeds: int, directory: str, user: dict) ->
     trains for a rejected override, a config that fails its checks, or a workdir holding a run
     of another config."""
     runs = []
+    # One persistent XLA cache for the grid: a row's seeds (and rows of the same network and
+    # shapes) compile once instead of once per run; the executables, hence results, are the same.
+    user = {"jax_cache_dir": os.path.join(os.path.abspath(directory), "xla_cache"), **user}
     for row in grid.rows:
         for seed in range(seeds):
             run = Run(row, seed, {**user, **row.overrides}, directory, base)

@@ -154,3 +154,21 @@ def test_cli_misspelled_field_fails_with_its_name(tmp_path):
         "error: --config.meta.inner_lrr: the config has no field 'inner_lrr' "
         "(Did you mean \"inner_lr\" instead of \"inner_lrr\"?)"]
     assert not (tmp_path / "run").exists()
+
+
+def test_a_run_saved_before_a_field_existed_resumes_at_that_fields_default():
+    """A field added later counts as its default in an older run's config (the default keeps the
+    old behaviour), so the run resumes; a value other than the default is still refused."""
+    import pytest
+
+    from d2am_jax import config_check
+    from d2am_jax.configs import synthetic
+    from d2am_jax.errors import UserError
+
+    config = synthetic.get_config()
+    saved = config_check.as_dict(config)
+    del saved["meta"]["batch_norm"]
+    assert config_check.resumable_changes(saved, config, "w") == []
+    config.meta.batch_norm = "pooled"
+    with pytest.raises(UserError, match=r"meta\.batch_norm"):
+        config_check.resumable_changes(saved, config, "w")

@@ -234,3 +234,27 @@ def test_runner_grids_and_summary_import_no_jax():
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+def test_bn_check_running_auc_is_the_evaluations_frame_auc(grid_dir, tmp_path, capsys):
+    """bn_check's `auc_running` is the AUC of exactly the scores evaluation computes (frame level,
+    same checkpoint), and it reports the batch-statistics AUC beside it for every true domain."""
+    import bn_check
+    import figures
+    from sklearn.metrics import roc_auc_score
+    _, runs, _, _ = grid_dir
+    out = tmp_path / "bn.csv"
+    assert bn_check.main(["--workdir", runs[0].workdir, "--out", str(out)]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["split"] for r in lines] == ["val", "target"]
+    view = figures.RunView(runs[0].workdir)
+    state, _ = view.state("latest")
+    from d2am_jax import evaluation
+    target = view.data.target
+    scores = evaluation.scores(figures._jitted("predict", view.config), state, target,
+                               int(view.config.eval.batch_size), int(view.config.data.resolution))
+    assert lines[1]["auc_running"] == pytest.approx(roc_auc_score(target.labels, scores),
+                                                    abs=1e-9)
+    for d in set(np.asarray(target.domain).astype(str)):
+        assert 0.0 <= lines[1][f"auc_domain_batches_domain_{d}"] <= 1.0
+    assert out.read_text().splitlines()[0].startswith("checkpoint,")

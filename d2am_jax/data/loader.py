@@ -1,7 +1,9 @@
 """Reads a built FAS dataset (ArrayRecord via tfds' `as_data_source`) into a host-side `FasData`:
-labels, video, domain, attack arrays in memory; frames and depth maps decoded with PIL on demand.
+labels, video, domain, attack arrays in memory; frames and depth maps decoded on demand (OpenCV
+for the builders' 8-bit PNG, PIL for anything else: the same pixels, in about two thirds of the
+time, tests/test_decode.py).
 
-Host-only: numpy, PIL and tensorflow-datasets' data sources; no jax, no TensorFlow.
+Host-only: numpy, OpenCV, PIL and tensorflow-datasets' data sources; no jax, no TensorFlow.
 """
 
 from __future__ import annotations
@@ -10,7 +12,10 @@ import functools
 import io
 import logging
 import os
+import zlib
+from concurrent.futures import ThreadPoolExecutor
 
+import cv2
 import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
@@ -74,6 +79,54 @@ def decode_png_or_jpeg(blob: bytes, what: str) -> np.ndarray:
         raise UserError(f"{what}: stored image bytes cannot be decoded ({e})") from e
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# RGB order as PIL gives it, and no EXIF rotation (PIL applies none).
+_CV_RGB = cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION
+
+
+def png_header(blob: bytes) -> tuple[int, int, int, int] | None:
+    """(height, width, bit depth, colour type) from a PNG's IHDR; None if `blob` is not a PNG or
+    its IHDR fails its checksum."""
+    if len(blob) < 33 or blob[:8] != _PNG_SIGNATURE or blob[12:16] != b"IHDR" \
+            or zlib.crc32(blob[12:29]) != int.from_bytes(blob[29:33], "big"):
+        return None
+    return (int.from_bytes(blob[20:24], "big"), int.from_bytes(blob[16:20], "big"),
+            blob[24], blob[25])
+
+
+def _cv_decode(blob: bytes, flags: int) -> np.ndarray | None:
+    # OpenCV's decoders release the GIL, so decoding threads run side by side.
+    return cv2.imdecode(np.frombuffer(blob, np.uint8), flags)
+
+
+def decode_rgb(blob: bytes, shape: tuple[int, int], what: str) -> np.ndarray:
+    """uint8 [H, W, 3] RGB of a stored frame of `shape` (H, W); UserError naming `what` if it
+    does not decode to that. What the builders write (8-bit RGB PNG) goes through OpenCV; JPEG
+    and every other PNG through PIL (JPEG decoders differ in their last bits). PNG is lossless,
+    so both give the same pixels; a PNG that OpenCV rejects is handed to PIL, which either
+    decodes it or words the error."""
+    if png_header(blob) == (shape[0], shape[1], 8, 2):
+        rgb = _cv_decode(blob, _CV_RGB)
+        if rgb is not None and rgb.shape == (*shape, 3):
+            return rgb
+    rgb = decode_png_or_jpeg(blob, what)
+    if rgb.shape != (*shape, 3) or rgb.dtype != np.uint8:
+        raise UserError(f"{what}: stored frame has shape {rgb.shape} {rgb.dtype}, expected "
+                        f"{(*shape, 3)} uint8")
+    return rgb
+
+
+def decode_gray(blob: bytes, what: str) -> np.ndarray:
+    """A stored depth map as PIL reads it: [h, w] uint8 from an 8-bit gray PNG (OpenCV, the same
+    pixels), anything else as PIL gives it."""
+    header = png_header(blob)
+    if header is not None and header[2:] == (8, 0):
+        gray = _cv_decode(blob, cv2.IMREAD_UNCHANGED)
+        if gray is not None and gray.shape == header[:2]:
+            return gray
+    return decode_png_or_jpeg(blob, what)
+
+
 class EncodedFrames:
     """The frames of a FasData: `decode_one(i)` → uint8 [H, W, 3]; `frames[idx]` → [n, H, W, 3].
     """
@@ -87,11 +140,7 @@ class EncodedFrames:
         return len(self.records)
 
     def decode_one(self, i: int) -> np.ndarray:
-        rgb = decode_png_or_jpeg(self.records.bytes_of(int(i), "image"), self._names[i])
-        if rgb.shape != self.shape + (3,) or rgb.dtype != np.uint8:
-            raise UserError(f"{self._names[i]}: stored frame has shape {rgb.shape} "
-                             f"{rgb.dtype}, expected {self.shape + (3,)} uint8")
-        return rgb
+        return decode_rgb(self.records.bytes_of(int(i), "image"), self.shape, self._names[i])
 
     def __getitem__(self, idx) -> np.ndarray:
         idx = np.atleast_1d(np.asarray(idx, np.int64))
@@ -106,26 +155,38 @@ class EncodedFrames:
 
 class DepthStore:
     """Depth targets (Eq. 10): the stored map for a live frame that has one, the face-shaped
-    prior for other live frames, zeros for spoof; float32 in [0, 1], `size` × `size`."""
+    prior for other live frames, zeros for spoof; float32 in [0, 1], `size` × `size`.
+    `with_options(workers)`: the maps of one call decoded by `workers` threads."""
 
-    def __init__(self, records: Records, labels: np.ndarray, has_map: np.ndarray, size: int):
+    def __init__(self, records: Records, labels: np.ndarray, has_map: np.ndarray, size: int,
+                 pool: ThreadPoolExecutor | None = None):
         self.records, self.labels, self.has_map, self.size = records, labels, has_map, int(size)
+        self._pool = pool
 
     def __len__(self) -> int:
         return len(self.labels)
 
+    def with_options(self, workers: int = 1) -> DepthStore:
+        pool = ThreadPoolExecutor(workers, "depth") if workers > 1 else None
+        return DepthStore(self.records, self.labels, self.has_map, self.size, pool)
+
     def __getitem__(self, idx) -> np.ndarray:
         idx = np.atleast_1d(np.asarray(idx, np.int64))
         out = np.zeros((len(idx), self.size, self.size), np.float32)
-        for k, i in enumerate(idx):
-            if self.labels[i] != 1:
-                continue
-            out[k] = self._map(i) if self.has_map[i] else _prior(self.size)
+        live = np.flatnonzero(self.labels[idx] == 1)
+        rows = idx[live].tolist()
+        maps = self._pool.map(self._target, rows) if self._pool is not None and len(rows) > 1 \
+            else map(self._target, rows)
+        for k, target in zip(live.tolist(), maps):
+            out[k] = target
         return out
+
+    def _target(self, i: int) -> np.ndarray:
+        return self._map(i) if self.has_map[i] else _prior(self.size)
 
     def _map(self, i: int) -> np.ndarray:
         what = f"depth of example {i}"
-        gray = decode_png_or_jpeg(self.records.bytes_of(int(i), "depth"), what)
+        gray = decode_gray(self.records.bytes_of(int(i), "depth"), what)
         gray = gray if gray.ndim == 2 else gray[..., 0]
         if gray.dtype == np.uint8:
             img = Image.fromarray(gray)
@@ -142,7 +203,8 @@ class DepthStore:
         return np.clip(np.asarray(img, np.float32), 0.0, 1.0)
 
     def take(self, idx: np.ndarray) -> DepthStore:
-        return DepthStore(self.records.take(idx), self.labels[idx], self.has_map[idx], self.size)
+        return DepthStore(self.records.take(idx), self.labels[idx], self.has_map[idx], self.size,
+                          self._pool)
 
 
 @functools.lru_cache(maxsize=8)

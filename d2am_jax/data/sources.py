@@ -86,7 +86,8 @@ def _synthetic(config) -> tuple[FasData, FasData, str]:
 
 
 def _cached(data: FasData, config, what: str) -> FasData:
-    """Built frames decoded once into a bounded cache (data.cache_bytes), at the run's size."""
+    """Built frames decoded once into a bounded cache (data.cache_bytes), at the run's size, by
+    data.workers threads (depth maps too)."""
     r = int(config.data.resolution)
     if tuple(data.frames.shape) != (r, r):
         raise UserError(
@@ -96,7 +97,8 @@ def _cached(data: FasData, config, what: str) -> FasData:
     workers = int(config.data.workers) or default_workers()
     frames = CachedFrames(len(data), data.frames.decode_one, int(config.data.cache_bytes),
                           workers)
-    return FasData(frames, data.labels.astype(np.int32), data.depth, data.video.astype(str),
+    depth = data.depth.with_options(workers)
+    return FasData(frames, data.labels.astype(np.int32), depth, data.video.astype(str),
                    data.domain.astype(str), data.attack.astype(str), data.frame, data.origin,
                    data.skipped)
 

@@ -1,15 +1,22 @@
 """Stored frames and depth maps decode to PIL's pixels exactly (OpenCV reads the builders' 8-bit
-PNG, PIL the rest), and what does not decode is an error as PIL words it."""
+PNG, PIL the rest), and a frame or map that does not decode is an error naming its record, or,
+under data.skip_bad, is replaced the same way every time and reported."""
 
 import io
+import logging
 import struct
+import threading
 import zlib
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from d2am_jax import config_check
+from d2am_jax.configs import default
 from d2am_jax.data import faces, loader
+from d2am_jax.data.pipeline import Prefetcher
+from d2am_jax.data.sampler import CachedFrames, MetaBatchSampler
 from d2am_jax.errors import UserError
 
 
@@ -162,6 +169,159 @@ def test_damaged_png_decodes_as_pil_decodes_it_or_fails_as_pil_fails():
                                           expected)
             outcomes.add("decoded")
     assert outcomes == {"error", "decoded"}
+
+
+# -- a store with a damaged record ------------------------------------------------------------
+
+VIDEOS = ["a", "a", "a", "b", "b", "c", "c", "d", "d", "d"]   # frames in record order
+LABELS = np.array([1, 1, 1, 1, 1, 0, 0, 0, 0, 0], np.int32)
+RES = 8
+
+
+def _store(damaged=(), damaged_depth=()):
+    rng = np.random.default_rng(5)
+    frames = rng.integers(0, 256, (len(VIDEOS), RES, RES, 3), dtype=np.uint8)
+    images = [_png(f) for f in frames]
+    depths = [faces.encode_depth(rng.random((RES, RES))) if y else b"" for y in LABELS]
+    for i in damaged:
+        images[i] = images[i][:len(images[i]) // 2]           # truncated: does not decode
+    for i in damaged_depth:
+        depths[i] = b"\x89PNG\r\n\x1a\n garbage"
+    blobs = {k: np.empty(len(VIDEOS), object) for k in ("image", "depth")}
+    blobs["image"][:], blobs["depth"][:] = images, depths
+    n = len(VIDEOS)
+    records = loader.Records([], np.zeros(n), np.arange(n), blobs)
+    video = np.asarray([f"fas_t:{v}" for v in VIDEOS])
+    names = np.asarray([f"fas_t/train record {k} (video {v}, frame 0)"
+                        for k, v in enumerate(video)])
+    domain = np.asarray(["site"] * n)
+    encoded = loader.EncodedFrames(records, (RES, RES), names, video,
+                                   loader._groups(LABELS, domain))
+    depth = loader.DepthStore(records, LABELS, np.array([len(d) > 0 for d in depths]), RES, names)
+    return encoded, depth, frames
+
+
+def test_a_damaged_frame_is_an_error_naming_dataset_record_and_video():
+    encoded, depth, _ = _store(damaged=[4])
+    with pytest.raises(UserError, match=r"fas_t/train record 4 \(video fas_t:b, frame 0\): "
+                                        r"stored image bytes cannot be decoded"):
+        encoded.decode_one(4)
+    encoded, depth, _ = _store(damaged_depth=[1])
+    with pytest.raises(UserError, match=r"fas_t/train record 1 \(video fas_t:a, frame 0\): depth"):
+        depth[np.array([0, 1])]
+
+
+def test_a_damaged_frame_stops_the_prefetched_batches_at_the_step_that_needs_it():
+    encoded, depth, _ = _store(damaged=[4])
+    sampler = MetaBatchSampler(CachedFrames(len(VIDEOS), encoded.decode_one, 0, workers=2),
+                               LABELS, depth, num_domains=2, per_domain_batch=2, depth_size=RES,
+                               seed=0)
+    pools = np.array([1, 0, 0, 0, 1, 0, 1, 1, 1, 0])   # both classes in both domains
+    uses = [4 in sampler.meta_indices(pools, 0, s)[0] for s in range(20)]
+    first = uses.index(True)
+    got = []
+    with pytest.raises(UserError, match="record 4"):
+        for batch in Prefetcher(lambda s: sampler.meta_batch(pools, 0, s), range(20), depth=2):
+            got.append(batch)
+    assert first > 0 and len(got) == first    # every batch before it, none after
+
+
+def test_a_decoding_thread_that_raises_is_reported_not_a_hang():
+    def decode(i):
+        if i == 3:
+            raise RuntimeError("decoder crashed on frame 3")
+        return np.zeros((RES, RES, 3), np.uint8)
+
+    store = CachedFrames(8, decode, 1 << 20, workers=2)
+    errors = []
+
+    def read():
+        try:
+            store[np.arange(8)]
+        except RuntimeError as err:
+            errors.append(err)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(timeout=120)          # a bound on a hang, not a measurement
+    assert not reader.is_alive()
+    assert [str(e) for e in errors] == ["decoder crashed on frame 3"]
+
+
+def test_skip_bad_replaces_a_frame_by_the_next_good_one_of_its_video(caplog):
+    encoded, _, frames = _store(damaged=[3])
+    bad = loader.BadRecords()
+    skipping = encoded.with_bad(bad)
+    with caplog.at_level(logging.WARNING, logger="d2am_jax.data.loader"):
+        for _ in range(3):
+            np.testing.assert_array_equal(skipping.decode_one(3), frames[4])  # video b: 3, 4
+    assert len(bad) == 1
+    [message] = bad.messages()
+    assert "fas_t/train record 3 (video fas_t:b, frame 0)" in message
+    assert "replaced by fas_t/train record 4 (video fas_t:b" in message
+    assert sum("record 3" in r.getMessage() for r in caplog.records) == 1    # warned once
+    # The last frame of a video wraps round to its first.
+    encoded, _, frames = _store(damaged=[2])
+    np.testing.assert_array_equal(encoded.with_bad(loader.BadRecords()).decode_one(2), frames[0])
+
+
+def test_skip_bad_replaces_a_video_that_never_decodes_by_its_class_and_domain():
+    encoded, _, frames = _store(damaged=[3, 4])              # all of video b (live)
+    bad = loader.BadRecords()
+    skipping = encoded.with_bad(bad)
+    np.testing.assert_array_equal(skipping.decode_one(3), frames[0])   # wraps to live video a
+    np.testing.assert_array_equal(skipping.decode_one(4), frames[0])
+    assert len(bad) == 2
+    encoded, _, _ = _store(damaged=[0, 1, 2, 3, 4])          # no live frame decodes
+    with pytest.raises(UserError, match="no other frame of its video, class and domain"):
+        encoded.with_bad(loader.BadRecords()).decode_one(0)
+
+
+def test_skip_bad_replaces_a_damaged_depth_map_by_the_prior():
+    encoded, depth, _ = _store(damaged_depth=[1])
+    bad = loader.BadRecords()
+    maps = depth.with_options(workers=2, bad=bad)[np.arange(len(VIDEOS))]
+    np.testing.assert_array_equal(maps[1], loader._prior(RES))
+    np.testing.assert_array_equal(maps[0], depth[np.array([0])][0])
+    assert not maps[5:].any()                                    # spoof: zeros
+    assert len(bad) == 1 and "record 1" in bad.messages()[0] and "prior" in bad.messages()[0]
+
+
+def test_skip_bad_batches_stay_balanced_and_a_resumed_sampler_draws_the_same():
+    def sampler():
+        encoded, depth, _ = _store(damaged=[3, 8], damaged_depth=[0])
+        bad = loader.BadRecords()
+        frames = CachedFrames(len(VIDEOS), encoded.with_bad(bad).decode_one, 4 * RES * RES * 3,
+                              workers=2)
+        return MetaBatchSampler(frames, LABELS, depth.with_options(2, bad), num_domains=2,
+                                per_domain_batch=4, depth_size=RES, seed=1), bad
+
+    pools = np.array([0, 0, 1, 1, 1, 0, 0, 1, 1, 0])
+    through, bad = sampler()
+    batches = [through.meta_batch(pools, 2, s) for s in range(8)]
+    resumed, bad_resumed = sampler()
+    for s in (7, 5):
+        later = resumed.meta_batch(pools, 2, s)
+        for key in ("x", "y", "depth", "domains"):
+            np.testing.assert_array_equal(later[key], batches[s][key])
+    for batch in batches:
+        assert batch["x"].shape == (2, 4, RES, RES, 3)
+        np.testing.assert_array_equal(batch["y"].sum(axis=1), [2, 2])
+    assert len(bad) == 3                                        # two frames, one depth map
+
+
+def test_skip_bad_is_a_checked_boolean_field_off_by_default():
+    config = default.get_config()
+    assert config.data.skip_bad is False
+    config_check.check(config)
+    config.data.skip_bad = True
+    config_check.check(config)
+    config.data.skip_bad = None
+    with pytest.raises(UserError, match=r"config.data.skip_bad: expected True or False"):
+        config_check.check(config)
+    config.data.skip_bad = True
+    assert "data.skip_bad" in config_check.resumable_changes(
+        config_check.as_dict(default.get_config()), config, "w")
 
 
 def test_depth_maps_decoded_by_threads_equal_the_serial_ones():

@@ -340,3 +340,16 @@ def test_depth_maps_decoded_by_threads_equal_the_serial_ones():
     np.testing.assert_array_equal(threaded[idx], serial[idx])
     np.testing.assert_array_equal(threaded.take(idx)[np.arange(len(idx))], serial[idx])
     assert not serial[idx][labels[idx] == 0].any()
+
+
+def test_the_frame_shape_survives_a_damaged_first_record():
+    rgb = _images()["noise"]
+    png, jpeg = _png(rgb), faces.encode_image(rgb, "jpeg")
+    for first, second in ((png[:60], png), (jpeg[:60], jpeg)):   # header kept / not a PNG
+        blobs = {"image": np.empty(2, object), "depth": np.empty(2, object)}
+        blobs["image"][:] = [first, second]
+        records = loader.Records([], np.zeros(2), np.arange(2), blobs)
+        assert loader._frame_shape(records, "fas_t/train") == (37, 53)
+    blobs["image"][:] = [jpeg[:60], jpeg[:70]]
+    with pytest.raises(UserError, match="fas_t/train: no stored frame decodes"):
+        loader._frame_shape(loader.Records([], np.zeros(2), np.arange(2), blobs), "fas_t/train")

@@ -84,6 +84,15 @@ def test_rgb_png_decodes_to_pils_pixels_through_opencv(save, monkeypatch):
     assert len(calls) == 2                                    # neither fell back to PIL
 
 
+def test_opencv_without_rgb_decoding_gives_the_same_pixels(monkeypatch):
+    monkeypatch.setattr(loader, "_CV_RGB", None)                # an OpenCV without IMREAD_COLOR_RGB
+    calls = _counting_opencv(monkeypatch)
+    for name, rgb in _images().items():
+        blob = _png(rgb)
+        np.testing.assert_array_equal(loader.decode_rgb(blob, rgb.shape[:2], name), _pil(blob))
+    assert len(calls) == 2
+
+
 def test_what_the_builders_write_decodes_to_pils_pixels(monkeypatch):
     calls = _counting_opencv(monkeypatch)
     rgb = _images()["noise"]

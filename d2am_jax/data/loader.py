@@ -81,8 +81,9 @@ def decode_png_or_jpeg(blob: bytes, what: str) -> np.ndarray:
 
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-# RGB order as PIL gives it, and no EXIF rotation (PIL applies none).
-_CV_RGB = cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION
+# RGB order as PIL gives it (recent OpenCV decodes straight to RGB; older ones decode BGR, then
+# converted), and no EXIF rotation (PIL applies none).
+_CV_RGB = getattr(cv2, "IMREAD_COLOR_RGB", None)
 
 
 def png_header(blob: bytes) -> tuple[int, int, int, int] | None:
@@ -100,6 +101,13 @@ def _cv_decode(blob: bytes, flags: int) -> np.ndarray | None:
     return cv2.imdecode(np.frombuffer(blob, np.uint8), flags)
 
 
+def _cv_rgb(blob: bytes) -> np.ndarray | None:
+    if _CV_RGB is not None:
+        return _cv_decode(blob, _CV_RGB | cv2.IMREAD_IGNORE_ORIENTATION)
+    bgr = _cv_decode(blob, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    return None if bgr is None else cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
 def decode_rgb(blob: bytes, shape: tuple[int, int], what: str) -> np.ndarray:
     """uint8 [H, W, 3] RGB of a stored frame of `shape` (H, W); UserError naming `what` if it
     does not decode to that. What the builders write (8-bit RGB PNG) goes through OpenCV; JPEG
@@ -107,7 +115,7 @@ def decode_rgb(blob: bytes, shape: tuple[int, int], what: str) -> np.ndarray:
     so both give the same pixels; a PNG that OpenCV rejects is handed to PIL, which either
     decodes it or words the error."""
     if png_header(blob) == (shape[0], shape[1], 8, 2):
-        rgb = _cv_decode(blob, _CV_RGB)
+        rgb = _cv_rgb(blob)
         if rgb is not None and rgb.shape == (*shape, 3):
             return rgb
     rgb = decode_png_or_jpeg(blob, what)

@@ -19,11 +19,13 @@ BATCH_NORMS = ("per_domain", "pooled")     # meta.batch_norm (meta.make_objectiv
 POOL_WINDOWS = (3, 2)                      # model.pool_window (models.max_pool)
 BEST_METRICS = {"val_eer": "min", "val_auc": "max"}
 # Config fields a resumed run may change: how long it runs and how it logs, how its input is
-# read (speed and memory only, never a number), and the learning rates (the way out after a
-# non-finite loss: resume the last good checkpoint with smaller ones).
+# read (speed and memory only, never a number), the learning rates (the way out after a
+# non-finite loss: resume the last good checkpoint with smaller ones) and data.skip_bad (the way
+# on after a bad frame stopped the run: no batch before the stop held one, so the resumed run
+# is the one skip_bad would have run from the start).
 RESUMABLE_CHANGES = ("num_epochs", "log_every", "progress", "jax_cache_dir", "checkpoint.",
                      "data.workers", "data.prefetch", "data.cache_bytes", "data.encoded_in_memory",
-                     "meta.outer_lr", "meta.inner_lr")
+                     "data.skip_bad", "meta.outer_lr", "meta.inner_lr")
 
 
 def _number(value) -> bool:
@@ -70,6 +72,7 @@ def check(config) -> None:
     need(d.cache_bytes >= 0, "data.cache_bytes", "≥ 0 bytes")
     need(d.workers >= 0, "data.workers", "≥ 0 decoding threads (0 = one per core)")
     need(d.prefetch >= 1, "data.prefetch", "≥ 1 batch prepared ahead")
+    need(isinstance(d.skip_bad, bool), "data.skip_bad", "True or False")
     need(str(c.model.fast_conv_grad).lower() in ("auto", "true", "false"),
          "model.fast_conv_grad", "'auto', True or False")
     need(round(64 * c.model.width) >= 1 if _finite(c.model.width) else False, "model.width",

@@ -8,13 +8,15 @@ host draw is seeded by (seed, epoch, step), so a resumed run is the same run.
 
 Outputs in the workdir: config.json, results.json (one record per evaluation), metrics.jsonl and
 TensorBoard under tb/ (every logged scalar), checkpoints/ (last N) and best/ (best by source
-validation, never by the target).
+validation, never by the target); with data.skip_bad, bad_records.json (the stored frames and
+depth maps that failed to decode and what stood in for them), once there is one.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import time
@@ -58,6 +60,9 @@ class RunState:
     best_value: float | None  # the best source-validation value (sign-adjusted: lower is better)
     log_lines: int            # metrics.jsonl records so far
     devices: int = 1          # the mesh's size (a resume must keep it: see _start_or_resume)
+    # data.skip_bad: the stored frames and depth maps met so far that failed to decode, one line
+    # each (what stood in); reported in metrics.jsonl and bad_records.json as they are met.
+    bad_records: list = dataclasses.field(default_factory=list)
 
 
 class Steps(NamedTuple):
@@ -140,6 +145,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                  metric_log, bar, placement)
             if epoch_end or step % int(config.checkpoint.every_steps) == 0 \
                     or preemption.requested:
+                _report_bad_records(run, data.bad, metric_log, workdir, epoch + 1, step, main)
                 run.log_lines = metric_log.lines
                 ckpt.save(step, state, pseudo, _metadata(config, run), best=best)
                 last_good = step
@@ -153,10 +159,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "preempted": step < total,
         "global_step": step,
         "workdir": workdir,
+        "bad_records": len(run.bad_records),
         "trace_counts": {name: fn.trace_count() for name, fn in
                          (("train_step", steps.train), ("stats_pass", steps.stats),
                           ("predict", steps.predict))},
     }
+
+
+def _report_bad_records(run: RunState, bad, metric_log: logs.MetricLog, workdir: str,
+                        epoch: int, step: int, main: bool) -> None:
+    """data.skip_bad: the bad frames and maps met since the last checkpoint (each was warned
+    about when met) go into the run record, a 'bad_records' line of metrics.jsonl and the whole
+    list into bad_records.json, as a build lists what it skipped in build_report.json."""
+    if bad is None:
+        return
+    new = sorted(set(bad.messages()) - set(run.bad_records))
+    if not new:
+        return
+    run.bad_records.extend(new)
+    metric_log.write({"kind": "bad_records", "epoch": epoch, "step": step,
+                      "count": len(run.bad_records), "new": len(new)})
+    if main:
+        path = os.path.join(workdir, "bad_records.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump({"count": len(run.bad_records), "items": run.bad_records}, f, indent=1)
+        os.replace(path + ".tmp", path)
 
 
 class _Rate:
@@ -254,7 +281,9 @@ def _start_or_resume(config, ckpt: checkpointing.Checkpointer, train: FasData,
             log.warning("resuming with changed config fields %s", changed)
         restored = ckpt.restore(initial)
         resume_step, saved = restored.step, restored.meta
-        run = RunState(**{f.name: saved[f.name] for f in dataclasses.fields(RunState)})
+        # A checkpoint made before a field existed restores it at its default.
+        run = RunState(**{f.name: saved[f.name] for f in dataclasses.fields(RunState)
+                          if f.name in saved})
         if run.devices != placement.num_devices:
             # A different mesh splits each batch differently: BatchNorm and the losses see the
             # same global batch, but XLA's reductions run in another order — not bit-identical.

@@ -8,6 +8,7 @@ dir), so the CLI runs after the first reuse its compiled meta-step.
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -263,7 +264,9 @@ def test_predict_scores_frames_of_the_trained_run(smoke_run, tmp_path):
                                                          abs=1e-6)
 
 
-def test_manifest_workflow_trains_on_named_domains(tmp_path):
+def _manifest_config(tmp_path):
+    """A manifest of 96 synthetic 24-pixel PNG frames (4 sites, videos of 4 frames) and a
+    1-epoch, 2-step smoke-network config training on sites 0-2, evaluated on site 3."""
     from PIL import Image
 
     from d2am_jax.configs import manifest as manifest_config
@@ -287,6 +290,11 @@ def test_manifest_workflow_trains_on_named_domains(tmp_path):
     config.data.source_val_fraction = 0.2
     config.data.manifest = str(tmp_path / "manifest.csv")
     config.data.source, config.data.target = "site0,site1,site2", "site3"
+    return config
+
+
+def test_manifest_workflow_trains_on_named_domains(tmp_path):
+    config = _manifest_config(tmp_path)
     # Larger than memory, as far as the run knows: records streamed from ArrayRecord, a frame
     # cache holding 10 of the 72 source frames, two decoding threads.
     config.data.encoded_in_memory = False
@@ -303,6 +311,36 @@ def test_manifest_workflow_trains_on_named_domains(tmp_path):
     config.data.target = "site9"
     with pytest.raises(ValueError, match="site9"):
         train.train_and_evaluate(config, str(tmp_path / "run2"))
+
+
+def test_a_damaged_record_stops_the_run_naming_it_or_is_replaced_and_reported(tmp_path,
+                                                                             monkeypatch):
+    from d2am_jax.data import loader
+    config = _manifest_config(tmp_path)
+    config.data.workers = 2
+    config.data.data_dir = str(tmp_path / "tfds")     # built once for both runs
+    real = loader.Records.bytes_of
+
+    def damaged(self, i, field):   # record 5's image bytes as a bad disk would return them
+        blob = real(self, i, field)
+        return blob[:len(blob) // 2] if field == "image" and self.local[i] == 5 else blob
+
+    monkeypatch.setattr(loader.Records, "bytes_of", damaged)
+    with pytest.raises(ValueError, match=r"fas_manifest/frames record 5 \(video "
+                                         r"fas_manifest:.*stored image bytes cannot be decoded"):
+        train.train_and_evaluate(config, str(tmp_path / "stops"))
+
+    config.data.skip_bad = True
+    workdir = str(tmp_path / "skips")
+    summary = train.train_and_evaluate(config, workdir)
+    assert summary["bad_records"] == 1 and [r["epoch"] for r in summary["results"]] == [1]
+    [record] = _records(workdir, "bad_records")
+    assert (record["count"], record["new"]) == (1, 1)
+    with open(os.path.join(workdir, "bad_records.json")) as f:
+        report = json.load(f)
+    assert report["count"] == 1
+    assert re.search(r"record 5 \(video .*\): stored image bytes cannot be decoded .*; replaced "
+                     r"by fas_manifest/frames record \d+", report["items"][0])
 
 
 def test_source_validation_holds_out_whole_videos_of_both_classes():

@@ -81,6 +81,10 @@ def get_data_config() -> ml_collections.ConfigDict:
     #                                dataset's size on disk); False streams them from ArrayRecord
     d.workers = 0                  # threads decoding frames (0 = one per core this process has)
     d.prefetch = 2                 # batches prepared ahead of the step (a bounded queue)
+    # Built data: a stored frame that fails to decode is replaced by the next good frame of its
+    # video (else of its class and domain) and a bad depth map by the prior, each warned about and
+    # counted in metrics.jsonl ('bad_records'); False: the run stops with an error naming it.
+    d.skip_bad = False
     # name='synthetic': the built-in mixture (data/synthetic.py, data/SYNTHETIC.md)
     d.synthetic = ml_collections.ConfigDict()
     d.synthetic.num_domains = 4    # latent domains; `source`/`target` pick among 0..num_domains-1

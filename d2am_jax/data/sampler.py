@@ -75,8 +75,8 @@ class CachedFrames:
 
     Frames that do not fit are decoded again whenever asked for (logged once). Every decoded frame
     is checked to be uint8 [H, W, 3] with frame 0's H and W; the error names the frame. The frames
-    one call misses are decoded by `workers` threads (PIL's decoders release the GIL); the cache
-    itself is only written by the calling thread.
+    one call misses are decoded by `workers` threads (OpenCV's and PIL's decoders release the GIL);
+    the cache itself is only written by the calling thread.
     """
 
     def __init__(self, n: int, decode_one: Callable[[int], np.ndarray], budget_bytes: int,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -24,24 +24,28 @@ DATA_NAMES = ("synthetic", "manifest", "protocol")
 
 class RunData(NamedTuple):
     """A run's examples: the source's training part, its held-out validation part (threshold and
-    best checkpoint, never the target), the unseen target, and a one-line description."""
+    best checkpoint, never the target), the unseen target, and a one-line description. `bad`:
+    with data.skip_bad and built data, the stored frames and maps that failed to decode so far
+    (loader.BadRecords), else None."""
 
     train: FasData
     val: FasData
     target: FasData
     description: str
+    bad: Any = None
 
 
 def load(config, workdir: str) -> RunData:
     """The config's source (split by video into train and validation) and target."""
+    bad = None
     if config.data.name == "synthetic":
         source, target, description = _synthetic(config)
     else:
-        source, target, description = _built(config, workdir)
+        source, target, description, bad = _built(config, workdir)
     d = config.data
     train_rows, val_rows = source_val_split(source, d.source_val_fraction, config.seed,
                                             d.source_val_min_videos, d.source_val_min_frames)
-    data = RunData(source.take(train_rows), source.take(val_rows), target, description)
+    data = RunData(source.take(train_rows), source.take(val_rows), target, description, bad)
     log.info("%s: %d source frames (%d train, %d source validation), %d target frames",
              description, len(source), len(data.train), len(data.val), len(target))
     return data
@@ -85,8 +89,10 @@ def _synthetic(config) -> tuple[FasData, FasData, str]:
         f"fas_synthetic (in memory): {'&'.join(source)}→{'&'.join(target)}"
 
 
-def _cached(data: FasData, config, what: str) -> FasData:
-    """Built frames decoded once into a bounded cache (data.cache_bytes), at the run's size."""
+def _cached(data: FasData, config, what: str, bad) -> FasData:
+    """Built frames decoded once into a bounded cache (data.cache_bytes), at the run's size, by
+    data.workers threads (depth maps too); with data.skip_bad (`bad` a loader.BadRecords) a
+    frame or map that fails to decode is replaced and reported there."""
     r = int(config.data.resolution)
     if tuple(data.frames.shape) != (r, r):
         raise UserError(
@@ -94,15 +100,16 @@ def _cached(data: FasData, config, what: str) -> FasData:
             f"config.data.resolution={r}; rebuild at that resolution (--config resolution={r}) "
             f"or set --config.data.resolution={data.frames.shape[0]}")
     workers = int(config.data.workers) or default_workers()
-    frames = CachedFrames(len(data), data.frames.decode_one, int(config.data.cache_bytes),
-                          workers)
-    return FasData(frames, data.labels.astype(np.int32), data.depth, data.video.astype(str),
+    encoded = data.frames if bad is None else data.frames.with_bad(bad)
+    frames = CachedFrames(len(data), encoded.decode_one, int(config.data.cache_bytes), workers)
+    depth = data.depth.with_options(workers, bad)
+    return FasData(frames, data.labels.astype(np.int32), depth, data.video.astype(str),
                    data.domain.astype(str), data.attack.astype(str), data.frame, data.origin,
                    data.skipped)
 
 
-def _built(config, workdir: str) -> tuple[FasData, FasData, str]:
-    from d2am_jax.data import protocols
+def _built(config, workdir: str) -> tuple[FasData, FasData, str, Any]:
+    from d2am_jax.data import loader, protocols
     data_dir = config.data.data_dir or os.path.join(workdir, "tfds")
     r = int(config.data.resolution)
     if config.data.name == "manifest":
@@ -124,8 +131,9 @@ def _built(config, workdir: str) -> tuple[FasData, FasData, str]:
         configs = {name: {"resolution": r} for name in names}
     source, target = protocols.load(protocol, data_dir, configs, depth_size=depth_size(r),
                                     in_memory=bool(config.data.encoded_in_memory))
-    return (_cached(source, config, f"{protocol.name} source"),
-            _cached(target, config, f"{protocol.name} target"), protocol.name)
+    bad = loader.BadRecords() if config.data.skip_bad else None
+    return (_cached(source, config, f"{protocol.name} source", bad),
+            _cached(target, config, f"{protocol.name} target", bad), protocol.name, bad)
 
 
 def source_val_split(data: FasData, fraction: float, seed: int, min_videos: int = 1,

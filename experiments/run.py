@@ -100,8 +100,9 @@ def _status(run: Run) -> dict:
 def finished(run: Run) -> bool:
     """Done, with the same config (a resumable change such as more epochs reopens the run)."""
     status = _status(run)
-    return status.get("status") == "done" and \
-        status.get("config") == config_check.as_dict(run.config)
+    # A field added to the project since counts as its default (the run's behaviour then).
+    return status.get("status") == "done" and "config" in status and \
+        config_check.with_defaults(status["config"]) == config_check.as_dict(run.config)
 
 
 def execute(run: Run) -> dict:

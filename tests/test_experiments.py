@@ -258,3 +258,18 @@ def test_bn_check_running_auc_is_the_evaluations_frame_auc(grid_dir, tmp_path, c
     for d in set(np.asarray(target.domain).astype(str)):
         assert 0.0 <= lines[1][f"auc_domain_batches_domain_{d}"] <= 1.0
     assert out.read_text().splitlines()[0].startswith("checkpoint,")
+
+
+def test_a_finished_run_stays_finished_when_the_project_adds_a_config_field(tmp_path):
+    """run.json written before a field existed still counts as done (the field at its default),
+    so the runner does not start it again; a row whose value differs from it reopens it."""
+    grid = grids.get("table3", "d2am,pooled_bn")
+    runs = runner.plan(grid, SMOKE, 1, str(tmp_path), SMALL)
+    for run in runs:
+        saved = config_check.as_dict(runs[0].config)   # the d2am row's config ...
+        del saved["meta"]["batch_norm"]                 # ... from before meta.batch_norm
+        os.makedirs(run.workdir)
+        with open(os.path.join(run.workdir, "run.json"), "w") as f:
+            json.dump({"status": "done", "config": saved}, f)
+    assert runner.finished(runs[0])
+    assert not runner.finished(runs[1])                 # pooled_bn ≠ the default

@@ -220,7 +220,11 @@ def test_benchmark_config_is_locked_valid_and_documented():
     config_check.check(config)
     with pytest.raises(AttributeError, match="nope"):
         config.nope = 1
-    assert config.data.synthetic.per_domain == 2 * synthetic.get_config().data.synthetic.per_domain
+    # Six sources and two unseen targets (RESULTS.md: a third of the three-source spread).
+    sources, targets = config.data.source.split(","), config.data.target.split(",")
+    assert len(sources) == 6 and len(targets) == 2 and not set(sources) & set(targets)
+    assert config.data.synthetic.num_domains == len(sources) + len(targets)
+    assert config.model.to_dict() == synthetic.get_config().model.to_dict()  # the main job's net
     assert "python -m d2am_jax.main --config d2am_jax/configs/benchmark.py" in benchmark.__doc__
     assert "Expected run time" in benchmark.__doc__
 

@@ -13,7 +13,7 @@ Six sources (designed 0, 1, 2 and drawn 4, 5, 6) of 400 frames (100 four-frame v
 two unseen targets (designed 3 and drawn 7, pooled: 800 frames, 200 videos) measured 8.5 (D²AM)
 and 4.3 (ERM) over the same seeds at the same cost. 20 % of each class's source videos (60 per
 class) are held out as source validation. 12 epochs of 80 meta-steps; a checkpoint at each epoch
-end, all 12 kept for figures.py's Fig. 6 and 7a. Run time on the 2-core CPU: about 4–10 minutes
+end, all 12 kept for figures.py's Fig. 6 and 7a. Expected run time on the 2-core CPU: 4–10 minutes
 per run depending on the machine's load (RESULTS.md gives each grid's wall time).
 """
 

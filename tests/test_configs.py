@@ -154,3 +154,15 @@ def test_cli_misspelled_field_fails_with_its_name(tmp_path):
         "error: --config.meta.inner_lrr: the config has no field 'inner_lrr' "
         "(Did you mean \"inner_lr\" instead of \"inner_lrr\"?)"]
     assert not (tmp_path / "run").exists()
+
+
+def test_a_resume_may_change_how_e_is_rematerialised_and_not_the_model():
+    saved = config_check.as_dict(default.get_config())
+    del saved["model"]["remat"]            # a run saved before model.remat existed
+    config = default.get_config()
+    config.model.remat, config.model.remat_policy = "blocks", "nothing_saveable"
+    assert config_check.resumable_changes(saved, config, "workdir") == [
+        "model.remat", "model.remat_policy"]
+    config.model.width = 0.5
+    with pytest.raises(UserError, match=r"fields \['model.width'\]"):
+        config_check.resumable_changes(saved, config, "workdir")

@@ -19,13 +19,16 @@ BATCH_NORMS = ("per_domain", "pooled")     # meta.batch_norm (meta.make_objectiv
 POOL_WINDOWS = (3, 2)                      # model.pool_window (models.max_pool)
 BEST_METRICS = {"val_eer": "min", "val_auc": "max"}
 # Config fields a resumed run may change: how long it runs and how it logs, how its input is
-# read (speed and memory only, never a number), the learning rates (the way out after a
-# non-finite loss: resume the last good checkpoint with smaller ones) and data.skip_bad (the way
-# on after a bad frame stopped the run: no batch before the stop held one, so the resumed run
-# is the one skip_bad would have run from the start).
+# read and how E is rematerialised (speed and memory only, never a number: the remat settings'
+# meta-steps were measured bit-identical on CPU in float32 and float64; the way to resume on a
+# device with less memory), the learning rates (the way out after a non-finite loss: resume the
+# last good checkpoint with smaller ones) and data.skip_bad (the way on after a bad frame stopped
+# the run: no batch before the stop held one, so the resumed run is the one skip_bad would have
+# run from the start).
 RESUMABLE_CHANGES = ("num_epochs", "log_every", "progress", "jax_cache_dir", "checkpoint.",
                      "data.workers", "data.prefetch", "data.cache_bytes", "data.encoded_in_memory",
-                     "data.skip_bad", "meta.outer_lr", "meta.inner_lr")
+                     "data.skip_bad", "model.remat", "model.remat_policy", "meta.outer_lr",
+                     "meta.inner_lr")
 
 
 def _number(value) -> bool:
@@ -36,6 +39,9 @@ def _number(value) -> bool:
 REMAT_POLICIES = ("everything_saveable", "nothing_saveable", "dots_saveable",
                   "checkpoint_dots", "dots_with_no_batch_dims_saveable",
                   "checkpoint_dots_with_no_batch_dims")
+
+
+REMAT_WHERE = ("none", "encoder", "blocks", "layers")  # model.remat (models.remat_setting)
 
 
 def _is_policy(name) -> bool:
@@ -90,8 +96,13 @@ def check(config) -> None:
     need(not (c.model.dtype == "bfloat16" and str(c.model.fast_conv_grad).lower() == "true"),
          "model.fast_conv_grad", "'auto' or False with model.dtype='bfloat16' (the CPU-tuned "
          "ops are float32 only)")
+    need(c.model.remat in REMAT_WHERE, "model.remat", f"one of {REMAT_WHERE}")
     need(c.model.remat_policy == "" or _is_policy(c.model.remat_policy), "model.remat_policy",
          "'' or the name of a jax.checkpoint_policies policy, e.g. 'nothing_saveable'")
+    need(not (c.model.remat in ("blocks", "layers") and c.model.remat_policy == ""),
+         "model.remat_policy", f"a jax.checkpoint_policies name with model.remat="
+         f"{c.model.remat!r}, e.g. 'nothing_saveable' (one of {REMAT_POLICIES}; '' would "
+         "rematerialise nothing)")
     need(0.0 <= c.model.bn_momentum < 1.0, "model.bn_momentum", "a number in [0, 1)")
     need(_finite(c.model.bn_epsilon) and c.model.bn_epsilon > 0, "model.bn_epsilon",
          "a finite number > 0")

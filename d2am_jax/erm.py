@@ -100,7 +100,9 @@ def make_erm_step(config, placement=None) -> Callable:
         return state.replace(step=state.step + 1, params=params, batch_stats=new_stats,
                              opt_state=opt_state), metrics
 
-    jitted = state_lib.jit_step(step, donate_state=True, training=True, placement=placement)
+    jitted = state_lib.jit_step(
+        step, donate_state=True, training=True, placement=placement,
+        rematerialized=models.remat_setting(config.model)[0] != "none")
 
     def erm_step(state: state_lib.TrainState, batch):
         batch = flat_batch(batch)

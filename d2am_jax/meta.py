@@ -191,8 +191,9 @@ def make_meta_step(config, placement=None) -> Callable:
         )
         return new_state, metrics
 
-    jitted = state_lib.jit_step(step, static_argnames=("second_order",), donate_state=True,
-                                training=True, placement=placement)
+    jitted = state_lib.jit_step(
+        step, static_argnames=("second_order",), donate_state=True, training=True,
+        placement=placement, rematerialized=models.remat_setting(config.model)[0] != "none")
 
     def meta_step(state: state_lib.TrainState, batch: Batch, *, second_order: bool):
         validate_batch(batch, config)

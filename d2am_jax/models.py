@@ -283,6 +283,16 @@ class FeatureExtractor(nn.Module):
     batch statistics per domain batch in training. With `fast_grad`, training runs through the
     fused units of `ops` (one saved map per convolution, GEMM-based backward); otherwise through
     plain jnp and XLA's own derivatives (the reference the fused units are tested against).
+
+    `remat` ('none', 'blocks' or 'layers'; model.remat) with `remat_policy` (a
+    `jax.checkpoint_policies` name): in training, the backward pass recomputes E piece by piece
+    instead of keeping its activations. 'blocks': the stem and each block run under their own
+    `jax.checkpoint`, so between blocks only their inputs are kept. 'layers': each layer runs
+    under its own — the BatchNorm + ReLU of the previous layer with this layer's convolution (the
+    unit the fused ops apply), and the last BatchNorm + ReLU with the max-pool — so only the
+    layers' pre-BatchNorm inputs are kept, and one layer at a time is recomputed. The stem
+    (conv 64) ends before its BatchNorm: the fused units apply that BatchNorm inside the first
+    block's first convolution, so that block begins with it.
     """
 
     width: float = 1.0
@@ -292,6 +302,8 @@ class FeatureExtractor(nn.Module):
     epsilon: float = 1e-5
     pool_window: int = 3
     entropy_head: str = "paper"
+    remat: str = "none"
+    remat_policy: str = ""
 
     @nn.compact
     def __call__(self, x, train: bool, groups: int = 1):
@@ -301,44 +313,94 @@ class FeatureExtractor(nn.Module):
         layers = [
             ConvBNLayer(c, self.momentum, name=f"ConvBNReLU_{i}") for i, c in enumerate(widths)
         ]
-        fused = train and self.fast_grad
-        fused_pool = fused and self.pool_window == 3  # ops fuses only the 3×3 / stride-2 pool
-        conv = ops.conv_same_fast if self.fast_grad else ops.conv_same
-        eps = self.epsilon
+        # Every layer's variables are read here, outside the blocks, and passed in as arrays; the
+        # blocks hand back their BatchNorm moments, and the running statistics move here too.
+        # So a block is a function of arrays (and its DRLM), which jax.checkpoint can recompute.
+        variables = [layer(cin) for layer, cin in zip(layers, cins)]
+        remat = self.remat if train and self.remat_policy else "none"
+        policy = getattr(jax.checkpoint_policies, self.remat_policy) if remat != "none" else None
+        run = (lambda fn: nn.checkpoint(fn, policy=policy)) if remat == "blocks" \
+            else (lambda fn: fn)
+        unit = (lambda fn: jax.checkpoint(fn, policy=policy)) if remat == "layers" \
+            else (lambda fn: fn)
 
-        z = conv(x, layers[0](cins[0])[0].astype(x.dtype))
+        # Python values (b, unit) reach the lifted checkpoint by closure: its arguments are traced.
+        z = run(lambda mdl, x, kernel: _e_stem(mdl, x, kernel, unit))(self, x, variables[0][0])
         f = None  # the previous block's F⁺ (set by its DRLM)
-        pending = 0  # the layer whose BatchNorm + ReLU still has to run on z
         block_outputs, drlm = [], []
         for b in range(3):
-            for i in range(3 * b + 1, 3 * b + 4):
-                kernel = layers[i](cins[i])[0].astype(x.dtype)
-                if pending is None:  # block input: the previous DRLM's F⁺
-                    z = conv(f, kernel)
-                elif fused:
-                    _, scale, bias, _, _ = layers[pending](cins[pending])
-                    z, mean, var = ops.bn_relu_conv(z, scale, bias, kernel, eps, groups)
-                    layers[pending](cins[pending], (mean, var))
-                else:
-                    z = conv(
-                        _bn_relu(layers[pending], cins[pending], z, train, groups, eps), kernel
-                    )
-                pending = i
-            if fused_pool:
-                _, scale, bias, _, _ = layers[pending](cins[pending])
-                pooled, mean, var = ops.bn_relu_pool(z, scale, bias, eps, groups)
-                layers[pending](cins[pending], (mean, var))
-            else:
-                pooled = max_pool(
-                    _bn_relu(layers[pending], cins[pending], z, train, groups, eps),
-                    self.fast_grad,
-                    self.pool_window,
-                )
-            pending = None
-            f, stats = DRLM(self.reduction, self.entropy_head)(pooled)
+            # The first block also applies the stem's BatchNorm + ReLU (pending on z); the others
+            # start from the previous DRLM's F⁺.
+            owned = list(range(0 if b == 0 else 3 * b + 1, 3 * b + 4))
+
+            def block(mdl, inp, block_variables, b=b):
+                return _e_block(mdl, inp, block_variables, b, train, groups, unit)
+
+            f, stats, moments = run(block)(self, z if b == 0 else f,
+                                           tuple(variables[i] for i in owned))
+            for i, batch_moments in zip(owned, moments):
+                layers[i](cins[i], batch_moments)
             block_outputs.append(f)
             drlm.append(stats)
         return f, block_outputs, drlm
+
+
+def _e_stem(mdl: FeatureExtractor, x, kernel, unit):
+    """E's first convolution (its BatchNorm + ReLU run at the start of the first block)."""
+    conv = ops.conv_same_fast if mdl.fast_grad else ops.conv_same
+    return unit(conv)(x, kernel.astype(x.dtype))
+
+
+def _e_block(mdl: FeatureExtractor, inp, block_variables, b: int, train: bool, groups: int,
+             unit):
+    """One block of E: three conv → BatchNorm → ReLU layers, max-pool, DRLM.
+
+    `inp` is the stem's pre-BatchNorm map for b = 0 (`block_variables` then begin with the stem's
+    layer), else the previous DRLM's F⁺. Each layer's step runs through `unit` (jax.checkpoint
+    under model.remat='layers', else as it is). Returns (F⁺, the DRLM's statistics, the batch
+    moments (mean, var) of each layer in `block_variables` — empty outside training).
+    """
+    fused = train and mdl.fast_grad
+    fused_pool = fused and mdl.pool_window == 3  # ops fuses only the 3×3 / stride-2 pool
+    conv = ops.conv_same_fast if mdl.fast_grad else ops.conv_same
+    eps, dtype = mdl.epsilon, inp.dtype
+
+    def bn_relu(z, scale, bias, mean, var):
+        """relu(BatchNorm(z)) and the batch moments (train), or with the running averages."""
+        if train:  # batch statistics per domain batch
+            return ops.bn_relu_reference(z, scale, bias, eps, groups)
+        return ops.bn_relu(z, scale, bias, mean, jax.lax.rsqrt(var + eps)), None, None
+
+    def bn_relu_then_conv(z, scale, bias, mean, var, kernel):
+        if fused:
+            return ops.bn_relu_conv(z, scale, bias, kernel, eps, groups)
+        a, batch_mean, batch_var = bn_relu(z, scale, bias, mean, var)
+        return conv(a, kernel), batch_mean, batch_var
+
+    def bn_relu_then_pool(z, scale, bias, mean, var):
+        if fused_pool:
+            return ops.bn_relu_pool(z, scale, bias, eps, groups)
+        a, batch_mean, batch_var = bn_relu(z, scale, bias, mean, var)
+        return max_pool(a, mdl.fast_grad, mdl.pool_window), batch_mean, batch_var
+
+    moments = []
+    convs = block_variables[1:] if b == 0 else block_variables
+    pending = block_variables[0] if b == 0 else None  # the layer whose BatchNorm + ReLU is due
+    z = inp
+    for layer_variables in convs:
+        kernel = layer_variables[0].astype(dtype)
+        if pending is None:  # block input: the previous DRLM's F⁺
+            z = unit(conv)(z, kernel)
+        else:
+            z, batch_mean, batch_var = unit(bn_relu_then_conv)(z, *pending[1:], kernel)
+            moments.append((batch_mean, batch_var))
+        pending = layer_variables
+    pooled, batch_mean, batch_var = unit(bn_relu_then_pool)(z, *pending[1:])
+    moments.append((batch_mean, batch_var))
+    # Named, and parented to `mdl` (the module as the lifted checkpoint sees it), so that its
+    # parameters keep their place DRLM_b under E whether or not the block is rematerialised.
+    f, stats = DRLM(mdl.reduction, mdl.entropy_head, name=f"DRLM_{b}", parent=mdl)(pooled)
+    return f, stats, tuple(moments) if train else ()
 
 
 class DepthEstimator(nn.Module):
@@ -401,16 +463,27 @@ class MetaLearner(nn.Module):
         return logit, h
 
 
+def remat_setting(model_config) -> tuple[str, str]:
+    """(where, policy) of E's rematerialisation: where is 'none', 'encoder', 'blocks' or 'layers'
+    (`model.remat`), policy the `jax.checkpoint_policies` name (`model.remat_policy`); ('none',
+    '') when either says none. A config saved before `model.remat` existed names only the policy,
+    which then meant all of E: 'encoder', the field's default."""
+    where = str(model_config.get("remat", "encoder"))
+    policy = str(model_config.get("remat_policy", ""))
+    if where == "none" or not policy:
+        return "none", ""
+    return where, policy
+
+
 def rematerialized(fn, model_config):
-    """`fn` (E's training forward) under `jax.checkpoint` with the policy `model.remat_policy`
-    names: its activations are recomputed in the backward pass instead of kept (memory at paper
-    scale, BENCHMARKS.md); '' returns `fn` itself."""
-    name = str(model_config.get("remat_policy", ""))
-    if not name:
+    """`fn` (E's training forward) under one `jax.checkpoint` with the named policy when
+    `model.remat='encoder'`, else `fn` itself ('blocks' and 'layers' are applied inside E, see
+    FeatureExtractor). All of E at once: its backward pass recomputes all of E's activations
+    together, so this does not lower the peak (BENCHMARKS.md)."""
+    where, policy = remat_setting(model_config)
+    if where != "encoder":
         return fn
-    return jax.checkpoint(fn, policy=getattr(jax.checkpoint_policies, name))
-
-
+    return jax.checkpoint(fn, policy=getattr(jax.checkpoint_policies, policy))
 
 
 def compute_dtype(model_config, params) -> jnp.dtype:
@@ -434,9 +507,12 @@ def build_modules(model_config: Any) -> tuple[FeatureExtractor, DepthEstimator, 
         momentum=model_config.bn_momentum, epsilon=model_config.bn_epsilon, fast_grad=fast
     )
     window = int(model_config.pool_window)
+    where, policy = remat_setting(model_config)
     return (
         FeatureExtractor(model_config.width, model_config.drlm_reduction, **common,
-                         pool_window=window, entropy_head=model_config.entropy_head),
+                         pool_window=window, entropy_head=model_config.entropy_head,
+                         remat=where if where in ("blocks", "layers") else "none",
+                         remat_policy=policy),
         DepthEstimator(model_config.width, **common),
         MetaLearner(model_config.width, model_config.adaptation_dim, **common, pool_window=window),
     )

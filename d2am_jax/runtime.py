@@ -100,29 +100,38 @@ _CPU_OPTIONS = {
         "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"
     ),
 }
-_options_cache: dict[str, dict] = {}
+# XLA:CPU expands the optimization barriers with which jax.checkpoint keeps its recomputation
+# apart ('cse_barrier_expander', before layout assignment) and then runs CSE again, which merges
+# the recomputed forward pass back into the original: rematerialisation is undone and the memory
+# stays as without it (measured: the paper-scale step compiled with the same convolutions and
+# the same temporaries, BENCHMARKS.md). A step that rematerialises keeps the barriers.
+_CPU_REMAT_OPTIONS = {"xla_disable_hlo_passes": "cse_barrier_expander"}
+_options_cache: dict[tuple[str, bool], dict] = {}
 
 
-def training_compiler_options() -> dict:
-    """XLA options for the jitted training steps: `_CPU_OPTIONS` on the CPU backend, none elsewhere.
+def training_compiler_options(rematerialized: bool = False) -> dict:
+    """XLA options for the jitted training steps: `_CPU_OPTIONS` on the CPU backend, with
+    `_CPU_REMAT_OPTIONS` for a step that rematerialises (`model.remat`); none elsewhere.
 
-    An XLA build that does not know the option gets none (with a warning) rather than a failed
+    An XLA build that does not know the options gets none (with a warning) rather than a failed
     compile.
     """
     backend = jax.default_backend()
-    if backend not in _options_cache:
+    key = (backend, bool(rematerialized))
+    if key not in _options_cache:
         options = {}
         if backend == "cpu":
+            wanted = {**_CPU_OPTIONS, **(_CPU_REMAT_OPTIONS if rematerialized else {})}
             try:
-                jax.jit(lambda v: v + 1, compiler_options=_CPU_OPTIONS)(jnp.zeros(()))
-                options = dict(_CPU_OPTIONS)
+                jax.jit(lambda v: v + 1, compiler_options=wanted)(jnp.zeros(()))
+                options = wanted
             except Exception as err:  # noqa: BLE001 - any rejection means: compile without it
                 warnings.warn(
-                    f"XLA rejected {sorted(_CPU_OPTIONS)}; compiling with defaults ({err})",
+                    f"XLA rejected {sorted(wanted)}; compiling with defaults ({err})",
                     stacklevel=2,
                 )
-        _options_cache[backend] = options
-    return _options_cache[backend]
+        _options_cache[key] = options
+    return _options_cache[key]
 
 
 _libc = None

@@ -56,18 +56,19 @@ class JittedStep:
 
 
 def jit_step(fn: Callable, *, static_argnames=(), donate_state: bool = False,
-             training: bool = False, placement=None) -> JittedStep:
+             training: bool = False, placement=None, rematerialized: bool = False) -> JittedStep:
     """`fn` jitted: the state (first argument) donated if asked, training steps with the project's
-    XLA options (`runtime.training_compiler_options`). Over a sharded `placement` a training
-    step's outputs (the new state and the scalar metrics) are replicated like its state; the
-    inputs carry their own shardings (`Placement.replicate`, `Placement.batch`)."""
+    XLA options (`runtime.training_compiler_options`; `rematerialized`: the step holds
+    jax.checkpoint regions, `model.remat`). Over a sharded `placement` a training step's outputs
+    (the new state and the scalar metrics) are replicated like its state; the inputs carry their
+    own shardings (`Placement.replicate`, `Placement.batch`)."""
     kwargs: dict[str, Any] = {"static_argnames": static_argnames}
     if training and placement is not None and placement.sharded:
         kwargs["out_shardings"] = placement.replicated
     if donate_state:
         kwargs["donate_argnums"] = (0,)
     if training:
-        kwargs["compiler_options"] = runtime.training_compiler_options()
+        kwargs["compiler_options"] = runtime.training_compiler_options(rematerialized)
     return JittedStep(fn, **kwargs)
 
 

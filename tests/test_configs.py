@@ -172,3 +172,15 @@ def test_a_run_saved_before_a_field_existed_resumes_at_that_fields_default():
     config.meta.batch_norm = "pooled"
     with pytest.raises(UserError, match=r"meta\.batch_norm"):
         config_check.resumable_changes(saved, config, "w")
+
+
+def test_a_resume_may_change_how_e_is_rematerialised_and_not_the_model():
+    saved = config_check.as_dict(default.get_config())
+    del saved["model"]["remat"]            # a run saved before model.remat existed
+    config = default.get_config()
+    config.model.remat, config.model.remat_policy = "blocks", "nothing_saveable"
+    assert config_check.resumable_changes(saved, config, "workdir") == [
+        "model.remat", "model.remat_policy"]
+    config.model.width = 0.5
+    with pytest.raises(UserError, match=r"fields \['model.width'\]"):
+        config_check.resumable_changes(saved, config, "workdir")

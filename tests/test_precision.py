@@ -1,13 +1,16 @@
 """Mixed precision and rematerialisation: a bfloat16 step's losses and gradient directions stay
-close to float32's; rematerialising E changes no number."""
+close to float32's; rematerialising E, as a whole or block by block, changes no number."""
 
 import cv2
 import jax
+import jax.extend
+import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import random_meta_batch, tiny_config
 
-from d2am_jax import config_check, meta
+from d2am_jax import config_check, meta, runtime
 from d2am_jax import state as state_lib
 from d2am_jax.data import synthetic
 from d2am_jax.data.dataset import depth_size
@@ -88,9 +91,86 @@ def test_rematerialising_e_changes_no_number(float32_run):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+def _checkpoints(jaxpr) -> int:
+    """How many jax.checkpoint regions a jaxpr holds (nested ones included)."""
+    count = 0
+    for eqn in jaxpr.eqns:
+        count += eqn.primitive.name in ("remat", "remat2", "checkpoint")   # jax.checkpoint's
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            count += _checkpoints(sub)
+    return count
+
+
+def _remat_config(fast, remat, policy="nothing_saveable"):
+    config = tiny_config(resolution=16, width=0.0625, adaptation_dim=4, per_domain_batch=4)
+    config.model.fast_conv_grad = fast
+    config.model.remat, config.model.remat_policy = remat, policy
+    config_check.check(config)
+    return config
+
+
+# jax.checkpoint regions in E's training forward: the stem and the three blocks; or the stem
+# and, per block, its three convolution units and its pool unit.
+REGIONS = {"none": 0, "blocks": 4, "layers": 13}
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_rematerialising_e_block_by_block_or_layer_by_layer_changes_no_number(fast):
+    # Both paths of E: the fused units of ops.py (custom VJPs) and XLA's own derivatives; float64.
+    with jax.enable_x64(True), runtime.project_random():
+        f64 = lambda t: jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), t)
+        state = state_lib.init_state(_remat_config(fast, "none"), jax.random.PRNGKey(0))
+        params, stats = f64(state.params), f64(state.batch_stats)
+        batch = random_meta_batch(_remat_config(fast, "none"), seed=1, dtype=np.float64)
+        key = jax.random.PRNGKey(2)
+        results = {}
+        for remat in REGIONS:
+            config = _remat_config(fast, remat)
+            objective = meta.make_objective(config)
+            forward = lambda p, so, objective=objective: objective(p, stats, batch, key, so)
+            regions = _checkpoints(jax.make_jaxpr(forward, static_argnums=1)(params, True).jaxpr)
+            assert regions == REGIONS[remat]
+            options = runtime.training_compiler_options(remat != "none")  # as the steps compile
+            for second_order in (True, False):
+                fn = jax.jit(jax.value_and_grad(forward, has_aux=True), static_argnums=1,
+                             compiler_options=options)
+                (total, (new_stats, metrics)), grads = fn(params, second_order)
+                results[remat, second_order] = jax.device_get((total, grads, new_stats, metrics))
+    for second_order in (True, False):
+        plain = results["none", second_order]
+        assert np.isfinite(plain[0]) and any(np.any(g != 0) for g in jax.tree.leaves(plain[1]))
+        for remat in ("blocks", "layers"):
+            # Recomputation runs the same operations on the same inputs: equal to float64
+            # rounding (loss, every gradient leaf, the new BatchNorm statistics, the metrics).
+            for a, b in zip(jax.tree.leaves(results[remat, second_order]),
+                            jax.tree.leaves(plain)):
+                np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_whole_e_rematerialisation_is_one_checkpoint_region_and_the_old_default():
+    """'encoder' (the default place) wraps all of E once; a config that names only remat_policy,
+    as saved before model.remat existed, means the same; 'none' or no policy wrap nothing."""
+    config = _remat_config(False, "encoder")
+    state = jax.eval_shape(lambda: state_lib.init_state(config, jax.random.PRNGKey(0)))
+    batch = random_meta_batch(config)
+    old = config.to_dict()
+    del old["model"]["remat"]
+    cases = [(config, 1), (ml_collections.ConfigDict(old), 1),
+             (_remat_config(False, "none"), 0), (_remat_config(False, "encoder", ""), 0)]
+    for c, want in cases:
+        objective = meta.make_objective(c)
+        jaxpr = jax.make_jaxpr(lambda p, s, objective=objective: objective(
+            p, s, batch, jax.random.PRNGKey(0), True))(state.params, state.batch_stats)
+        assert _checkpoints(jaxpr.jaxpr) == want
+
+
 @pytest.mark.parametrize("field,value,match", [
     ("dtype", "float16", "config.model.dtype"),
     ("remat_policy", "save_all", "config.model.remat_policy"),
+    ("remat", "block", r"config.model.remat: expected one of \('none', 'encoder', 'blocks', "
+                       r"'layers'\), got 'block'"),
+    ("remat", "blocks", r"config.model.remat_policy: expected a jax.checkpoint_policies name "
+                        r"with model.remat='blocks'"),   # remat_policy left at ''
     ("fast_conv_grad", True, "config.model.fast_conv_grad"),   # with dtype='bfloat16' below
 ])
 def test_bad_precision_settings_name_the_field(field, value, match):

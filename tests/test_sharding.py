@@ -48,3 +48,52 @@ def test_a_batch_the_mesh_does_not_divide_is_refused_with_both_numbers():
 def test_incomplete_or_inconsistent_process_flags_are_refused(args, match):
     with pytest.raises(ValueError, match=match):
         runtime.start_processes(*args)
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _processes(tmp_path, counts, timeout_s):
+    """The training CLI as len(counts) localhost processes, process i started with
+    --num_processes=counts[i]; (return code, stderr) of each."""
+    port = _free_port()
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "d2am_jax.main", "--config", "d2am_jax/configs/smoke.py",
+         "--workdir", str(tmp_path / f"p{i}"), "--config.progress=False",
+         f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={n}", f"--process_id={i}",
+         f"--initialization_timeout={timeout_s}"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i, n in enumerate(counts)]
+    out = []
+    try:
+        for p in procs:
+            err = p.communicate(timeout=300)[1]
+            out.append((p.returncode, err))
+        return out
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+
+
+def test_processes_that_disagree_on_the_process_count_all_stop_naming_both_numbers(tmp_path):
+    # jax itself takes the count from the coordinator alone: process 1 would join and then wait
+    # in the first collective.
+    for code, err in _processes(tmp_path, [2, 3], timeout_s=60):
+        assert code == 1, err[-3000:]
+        assert ("error: the coordinator at 127.0.0.1" in err and "runs --num_processes=2, but "
+                "process 1 was started with --num_processes=3" in err), err[-3000:]
+    assert not (tmp_path / "p0").exists()          # stopped before the run began
+
+
+def test_too_few_processes_end_after_the_timeout_with_what_to_check(tmp_path):
+    # One process of two: the coordinator waits --initialization_timeout seconds, then jax ends
+    # the process from C++ (an abort, no Python error); the line logged before says what to check.
+    [(code, err)] = _processes(tmp_path, [2], timeout_s=5)
+    assert code != 0
+    assert "start 2 processes, ids 0 to 1, each with --num_processes=2" in err, err[-3000:]
+    assert "RegisterTask" in err, err[-3000:]

@@ -18,10 +18,11 @@ ENTROPY_HEADS = ("paper", "adversarial")   # model.entropy_head (models.DRLM)
 POOL_WINDOWS = (3, 2)                      # model.pool_window (models.max_pool)
 BEST_METRICS = {"val_eer": "min", "val_auc": "max"}
 # Config fields a resumed run may change: how long it runs and how it logs, how its input is
-# read and how E is rematerialised (speed and memory only, never a number: the remat settings'
-# meta-steps were measured bit-identical on CPU in float32 and float64; the way to resume on a
-# device with less memory), and the learning rates (the way out after a non-finite loss: resume
-# the last good checkpoint with smaller ones).
+# read (speed and memory only, never a number), how E is rematerialised (memory: the same maths;
+# XLA may fuse the recomputation differently, so the last bits may move — measured: meta-steps
+# bit-identical on CPU, an ERM step within 2e-7 in float32; the way to resume on a device with
+# less memory), and the learning rates (the way out after a non-finite loss: resume the last
+# good checkpoint with smaller ones).
 RESUMABLE_CHANGES = ("num_epochs", "log_every", "progress", "jax_cache_dir", "checkpoint.",
                      "data.workers", "data.prefetch", "data.cache_bytes", "data.encoded_in_memory",
                      "model.remat", "model.remat_policy", "meta.outer_lr", "meta.inner_lr")

@@ -19,12 +19,13 @@ BATCH_NORMS = ("per_domain", "pooled")     # meta.batch_norm (meta.make_objectiv
 POOL_WINDOWS = (3, 2)                      # model.pool_window (models.max_pool)
 BEST_METRICS = {"val_eer": "min", "val_auc": "max"}
 # Config fields a resumed run may change: how long it runs and how it logs, how its input is
-# read and how E is rematerialised (speed and memory only, never a number: the remat settings'
-# meta-steps were measured bit-identical on CPU in float32 and float64; the way to resume on a
-# device with less memory), the learning rates (the way out after a non-finite loss: resume the
-# last good checkpoint with smaller ones) and data.skip_bad (the way on after a bad frame stopped
-# the run: no batch before the stop held one, so the resumed run is the one skip_bad would have
-# run from the start).
+# read (speed and memory only, never a number), how E is rematerialised (memory: the same maths;
+# XLA may fuse the recomputation differently, so the last bits may move — measured: meta-steps
+# bit-identical on CPU, an ERM step within 2e-7 in float32; the way to resume on a device with
+# less memory), the learning rates (the way out after a non-finite loss: resume the last good
+# checkpoint with smaller ones) and data.skip_bad (the way on after a bad frame stopped the run:
+# no batch before the stop held one, so the resumed run is the one skip_bad would have run from
+# the start).
 RESUMABLE_CHANGES = ("num_epochs", "log_every", "progress", "jax_cache_dir", "checkpoint.",
                      "data.workers", "data.prefetch", "data.cache_bytes", "data.encoded_in_memory",
                      "data.skip_bad", "model.remat", "model.remat_policy", "meta.outer_lr",

@@ -29,6 +29,8 @@ flags.DEFINE_string("coordinator_address", None, "Multi-process runs: HOST:PORT 
                     "(jax.distributed); omit on SLURM / TPU VMs, where jax finds the cluster.")
 flags.DEFINE_integer("num_processes", None, "Multi-process runs: the number of processes.")
 flags.DEFINE_integer("process_id", None, "Multi-process runs: this process's index.")
+flags.DEFINE_integer("initialization_timeout", 300, "Multi-process runs: seconds the coordinator "
+                     "(process 0) waits for all --num_processes processes to join.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -84,7 +86,8 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
     std_logging.getLogger("d2am_jax").setLevel(std_logging.INFO)
     try:
-        runtime.start_processes(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+        runtime.start_processes(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                                FLAGS.initialization_timeout)
         summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except checkpointing.CheckpointWriteError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -479,7 +479,7 @@ def rematerialized(fn, model_config):
     """`fn` (E's training forward) under one `jax.checkpoint` with the named policy when
     `model.remat='encoder'`, else `fn` itself ('blocks' and 'layers' are applied inside E, see
     FeatureExtractor). All of E at once: its backward pass recomputes all of E's activations
-    together, so this does not lower the peak (BENCHMARKS.md)."""
+    together, so this barely lowers the peak (BENCHMARKS.md)."""
     where, policy = remat_setting(model_config)
     if where != "encoder":
         return fn

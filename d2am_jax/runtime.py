@@ -231,12 +231,17 @@ _CLUSTER_ENV = ("SLURM_NTASKS", "TPU_WORKER_HOSTNAMES", "CLOUD_TPU_TASK_ID",
 
 
 def start_processes(coordinator_address: str | None = None, num_processes: int | None = None,
-                    process_id: int | None = None) -> None:
+                    process_id: int | None = None, initialization_timeout: int = 300) -> None:
     """Joins a multi-process run (`jax.distributed`) before jax's backends start.
 
     With a coordinator address, the three values say it all; without one, jax detects the cluster
     itself where the environment names one (SLURM, TPU VMs, Open MPI); a single process on its own
-    needs nothing. A process id outside [0, num_processes) or an incomplete triple is refused.
+    needs nothing. A process id outside [0, num_processes) or an incomplete triple is refused, and
+    so is a --num_processes that differs from the coordinator's (every process names both
+    numbers). Process 0 hosts the coordinator, which waits `initialization_timeout` seconds for
+    all the processes it expects; when fewer arrive, jax ends each process from C++ (an abort
+    after 'DEADLINE_EXCEEDED ... RegisterTask', nothing Python can catch), so the line logged
+    before joining says which numbers to check.
     """
     from d2am_jax.errors import UserError
     given = [v is not None for v in (coordinator_address, num_processes, process_id)]
@@ -247,9 +252,44 @@ def start_processes(coordinator_address: str | None = None, num_processes: int |
         if num_processes < 1 or not 0 <= process_id < num_processes:
             raise UserError(f"--process_id={process_id} must lie in [0, --num_processes="
                             f"{num_processes})")
-        jax.distributed.initialize(coordinator_address, num_processes, process_id)
+        log.info("joining the coordinator at %s as process %d of --num_processes=%d; it waits %d "
+                 "s for all of them. An abort after 'DEADLINE_EXCEEDED ... RegisterTask' means "
+                 "not all reached it: start %d processes, ids 0 to %d, each with "
+                 "--num_processes=%d and the same --coordinator_address", coordinator_address,
+                 process_id, num_processes, initialization_timeout, num_processes,
+                 num_processes - 1, num_processes)
+        jax.distributed.initialize(coordinator_address, num_processes, process_id,
+                                   initialization_timeout=initialization_timeout)
+        counts = _process_counts(process_id, num_processes, initialization_timeout)
+        coordinator = counts[0]
+        others = {i: n for i, n in counts.items() if n != coordinator}
+        if others:
+            raise UserError(
+                f"the coordinator at {coordinator_address} (process 0) runs "
+                f"--num_processes={coordinator}, but " + ", ".join(
+                    f"process {i} was started with --num_processes={n}"
+                    for i, n in sorted(others.items()))
+                + f"; start every process with the same --num_processes (here {coordinator})")
     elif any(_env_says_cluster(name) for name in _CLUSTER_ENV):
         jax.distributed.initialize()
+
+
+def _process_counts(process_id: int, num_processes: int, timeout_s: int) -> dict[int, int]:
+    """Every process's --num_processes, by process id, through the coordinator's key-value store.
+
+    jax takes the process count from the coordinator alone: a process started with another
+    --num_processes joins without complaint and fails later, in a collective, where the others
+    wait on it. Here each process publishes its own and reads all, so all see a mismatch at once
+    and stop with the same error.
+    """
+    from jax._src import distributed  # the client jax.distributed.initialize connected
+    client = distributed.global_state.client
+    key = "d2am_jax/num_processes/{}".format
+    client.key_value_set(key(process_id), str(num_processes))
+    timeout_ms = 1000 * int(timeout_s)
+    coordinator = int(client.blocking_key_value_get(key(0), timeout_ms))
+    return {i: int(client.blocking_key_value_get(key(i), timeout_ms))
+            for i in range(coordinator)}
 
 
 def _env_says_cluster(name: str) -> bool:

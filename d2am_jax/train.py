@@ -254,17 +254,41 @@ def _metadata(config, run: RunState) -> dict:
     return {"config": config_check.as_dict(config), **dataclasses.asdict(run)}
 
 
+def _check_devices(saved_meta: dict, placement: runtime.Placement, where: str) -> None:
+    """A resume on another device count is refused, naming both counts.
+
+    A different mesh splits each batch differently: BatchNorm and the losses see the same global
+    batch (the config's, which a resume may not change), but XLA's reductions run in another
+    order, so the resumed run would not be the one interrupted, bit for bit.
+    """
+    devices = int(saved_meta.get("devices", 1))  # RunState's default: saved before the field
+    if devices != placement.num_devices:
+        raise UserError(
+            f"{where} was trained on {devices} device(s), this run has "
+            f"{placement.num_devices}; resume with the same device count (the global batch "
+            f"is fixed by the config), or use a new workdir")
+
+
 def _start_or_resume(config, ckpt: checkpointing.Checkpointer, train: FasData,
                      imagenet: ImageNetBank, placement: runtime.Placement
                      ) -> tuple[RunState, state_lib.TrainState, np.ndarray, float]:
     """(run record, TrainState replicated on the mesh, pseudo domains, the initial parameters'
     largest |θ|): restored from the newest checkpoint, or fresh. The initial state is built
     either way: it is the fresh run's, the restore's target, and the scale against which
-    divergence is judged."""
+    divergence is judged. A resume checks the saved config and device count first, from the
+    checkpoint's metadata, before anything compiles."""
+    resume_step = ckpt.latest_step()
+    if resume_step is not None:
+        # The config first (a changed model would not restore), then the newest checkpoint that
+        # restores: a damaged newer one is moved aside, and the run record is the restored one's.
+        _, saved = ckpt.read_meta("latest")
+        changed = config_check.resumable_changes(saved["config"], config, ckpt.latest_dir)
+        if changed:
+            log.warning("resuming with changed config fields %s", changed)
+        _check_devices(saved, placement, ckpt.latest_dir)
     initial = state_lib.init_state(config, jax.random.PRNGKey(int(config.seed)))
     initial_scale = max(float(np.max(np.abs(leaf)))
                         for leaf in jax.tree.leaves(jax.device_get(initial.params)))
-    resume_step = ckpt.latest_step()
     if resume_step is None:
         k = resolve_k(config, train, imagenet)
         batch_images = k * int(config.meta.per_domain_batch)
@@ -273,24 +297,12 @@ def _start_or_resume(config, ckpt: checkpointing.Checkpointer, train: FasData,
         state = initial
         pseudo = np.zeros(len(train), np.int32)
     else:
-        # The config first (a changed model would not restore), then the newest checkpoint that
-        # restores: a damaged newer one is moved aside, and the run record is the restored one's.
-        _, saved = ckpt.read_meta("latest")
-        changed = config_check.resumable_changes(saved["config"], config, ckpt.latest_dir)
-        if changed:
-            log.warning("resuming with changed config fields %s", changed)
         restored = ckpt.restore(initial)
         resume_step, saved = restored.step, restored.meta
-        # A checkpoint made before a field existed restores it at its default.
+        # A field the record lacks (saved before it existed) takes RunState's default.
         run = RunState(**{f.name: saved[f.name] for f in dataclasses.fields(RunState)
                           if f.name in saved})
-        if run.devices != placement.num_devices:
-            # A different mesh splits each batch differently: BatchNorm and the losses see the
-            # same global batch, but XLA's reductions run in another order — not bit-identical.
-            raise UserError(
-                f"{ckpt.latest_dir} was trained on {run.devices} device(s), this run has "
-                f"{placement.num_devices}; resume with the same device count (the global batch "
-                f"is fixed by the config), or use a new workdir")
+        _check_devices(saved, placement, ckpt.latest_dir)  # the restored one's record
         state, pseudo = restored.state, restored.pseudo_domain
         epoch, in_epoch = divmod(resume_step, run.steps_per_epoch)
         log.info("resumed from %s step %d (epoch %d, step %d of %d)", ckpt.latest_dir,

@@ -1,6 +1,12 @@
 """Run by tests/test_sharding.py in a subprocess with 4 CPU devices: the meta-step, the stats pass
 and prediction over a 4-device mesh against the same functions on one device, in float64 (or
-float32 with --float32). Prints one JSON line of relative differences and trace counts."""
+float32 with --float32). Prints one JSON line of relative differences and trace counts.
+
+In float32 it also prints the rounding floor of each meta-step quantity: how far the one-device
+step moves when the images of every domain batch are put in another order (BatchNorm moments,
+the losses and MMD are means over them: the same maths, summed in another order). A mesh sums in
+another order too, so its differences are to be judged against that floor.
+"""
 
 import json
 import sys
@@ -25,10 +31,21 @@ def config_():
 
 
 def rel(a, b) -> float:
+    """‖a − b‖ / ‖b‖ over the whole tree (the global norm)."""
     a, b = jax.tree.leaves(jax.device_get(a)), jax.tree.leaves(jax.device_get(b))
     num = sum(float(np.sum((np.asarray(x) - np.asarray(y)) ** 2)) for x, y in zip(a, b))
     den = sum(float(np.sum(np.asarray(y) ** 2)) for y in b)
     return (num / max(den, 1e-300)) ** 0.5
+
+
+def rel_per_leaf(a, b) -> float:
+    """The largest ‖a − b‖ / ‖b‖ of any one leaf (leaves whose b is 0 left out)."""
+    out = 0.0
+    for x, y in zip(jax.tree.leaves(jax.device_get(a)), jax.tree.leaves(jax.device_get(b))):
+        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+        if np.any(y != 0):
+            out = max(out, float(np.linalg.norm(x - y) / np.linalg.norm(y)))
+    return out
 
 
 def main(dtype):
@@ -54,13 +71,40 @@ def main(dtype):
         s2, m2 = sharded(placement.replicate(state), placement.batch(batch, axis=1),
                          second_order=order)
         name = "second" if order else "first"
+        metric_rel = lambda m, ref: {key: abs(float(m[key]) - float(ref[key])) /
+                                     max(abs(float(ref[key])), 1e-30) for key in ref}
         out[f"{name}_params"] = rel(s2.params, s1.params)
         out[f"{name}_batch_stats"] = rel(s2.batch_stats, s1.batch_stats)
-        out[f"{name}_metrics"] = max(abs(float(m2[key]) - float(m1[key])) /
-                                     max(abs(float(m1[key])), 1e-30) for key in m1)
+        out[f"{name}_metric_rel"] = metric_rel(m2, m1)
+        out[f"{name}_metrics"] = max(out[f"{name}_metric_rel"].values())
         out[f"{name}_replicated"] = all(a.sharding.is_fully_replicated
                                         for a in jax.tree.leaves(s2.params))
         out[f"{name}_traces"] = [single.trace_count(), sharded.trace_count()]
+        # The meta-gradient itself: one Adam step from a fresh state moves each parameter by
+        # about ±β whatever the gradient's size, so the new parameters alone say little of it.
+        objective = meta.make_objective(config)
+        grad = jax.jit(lambda p, s, b, order=order: jax.grad(
+            lambda p: objective(p, s, b, jax.random.PRNGKey(1), order)[0])(p))
+        g1 = grad(state.params, state.batch_stats, batch)
+        g2 = grad(placement.replicate(state.params), placement.replicate(state.batch_stats),
+                  placement.batch(batch, axis=1))
+        out[f"{name}_grads"] = rel(g2, g1)
+        out[f"{name}_grads_leaf"] = rel_per_leaf(g2, g1)
+        if dtype == np.float32:
+            floor = {"params": 0.0, "grads": 0.0, "grads_leaf": 0.0, "metrics": {}}
+            for seed in range(3):   # three orders of each domain batch's images, one device
+                perm = np.random.default_rng(10 + seed).permutation(b)
+                shuffled = {key: value[:, perm] for key, value in batch.items()}
+                fresh = jax.tree.map(lambda a: jnp.array(a, copy=True), state)
+                sp, mp = single(fresh, shuffled, second_order=order)   # compiled already
+                gp = grad(state.params, state.batch_stats, shuffled)
+                floor["params"] = max(floor["params"], rel(sp.params, s1.params))
+                floor["grads"] = max(floor["grads"], rel(gp, g1))
+                floor["grads_leaf"] = max(floor["grads_leaf"], rel_per_leaf(gp, g1))
+                for key, value in metric_rel(mp, m1).items():
+                    floor["metrics"][key] = max(floor["metrics"].get(key, 0.0), value)
+            out[f"{name}_floor"] = floor
+            out[f"{name}_traces"] = [single.trace_count(), sharded.trace_count()]
 
     frames = InMemoryFrames(rng.integers(0, 256, (20, r, r, 3), dtype=np.uint8))
     one = stats.make_stats_pass(config, 8)(state.params["E"], state.batch_stats["E"], frames)

@@ -9,6 +9,7 @@ dir), so the CLI runs after the first reuse its compiled meta-step.
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -430,3 +431,27 @@ def test_two_processes_match_one_and_resume_after_sigkill(smoke_run, tmp_path):
     assert json.loads(outs[0][0].strip().splitlines()[-1])["global_step"] == 8
     assert not any(line.startswith("{") for line in outs[1][0].splitlines())  # 0 alone reports
     _assert_close_to_one_device(str(workdir), smoke_run[0])
+
+
+def test_resume_on_another_device_count_is_refused_before_anything_compiles(smoke_run, tmp_path):
+    workdir, cache = tmp_path / "run", tmp_path / "cache"
+    shutil.copytree(smoke_run[0], workdir)
+    latest = os.path.join(workdir, checkpointing.LATEST_DIR)
+    before = checkpointing.finalized_steps(latest)
+    env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "")
+               + " --xla_force_host_platform_device_count=4")
+    proc = subprocess.run([*_cli(workdir), f"--config.jax_cache_dir={cache}"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "was trained on 1 device(s), this run has 4; resume with the same device count" \
+        in proc.stderr, proc.stderr[-3000:]
+    assert checkpointing.finalized_steps(latest) == before
+    # The compilation cache keeps every compile of the run (runtime.start): none happened.
+    assert not cache.exists() or not any(cache.iterdir()), sorted(cache.iterdir())
+    # On one device the same command is a rerun of the finished run: it compiles (so the cache
+    # would have shown a compile above), trains nothing more and leaves the checkpoints alone.
+    proc = subprocess.run([*_cli(workdir), f"--config.jax_cache_dir={cache}"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert any(cache.iterdir())
+    assert checkpointing.finalized_steps(latest) == before

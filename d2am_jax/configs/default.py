@@ -31,13 +31,14 @@ def get_model_config() -> ml_collections.ConfigDict:
     # statistics, losses, the inner step and the optimizer stay float32). bfloat16 runs XLA's
     # own convolutions (the CPU-tuned ops are float32 only).
     m.dtype = "float32"
-    # Rematerialise E in the backward pass (memory only: the same values). remat_policy: ''
+    # Rematerialise E in the backward pass (memory: the same values up to float rounding, as
+    # XLA may fuse the recomputation differently). remat_policy: ''
     # (none: save everything) or a jax.checkpoint_policies name, e.g. 'nothing_saveable'.
     # remat: where that policy applies — 'layers' (each conv → BatchNorm → ReLU layer under its
     # own jax.checkpoint: only the pre-BatchNorm maps are kept, the activations are recomputed;
     # the lowest peak), 'blocks' (the stem and each of E's three blocks under one each: the
     # backward recomputes one block at a time), 'encoder' (all of E under one: recomputes all of
-    # E at once, so the peak does not drop) or 'none'. 'encoder' is the default because a config
+    # E at once, so the peak barely drops) or 'none'. 'encoder' is the default because a config
     # from before this field, naming only remat_policy, meant all of E. Measured peaks:
     # BENCHMARKS.md "Memory at paper scale".
     m.remat = "encoder"

@@ -128,12 +128,17 @@ def max_pool(x, fast_grad: bool = False, window: int = 3):
     3: 3×3, padding 1, H → ⌈H/2⌉ — SSDG's MaxPool2d(3, 2, 1) (its MADDG backbone,
        models/DGFAS.py), this project's default since its first version;
     2: 2×2, no padding, H → ⌊H/2⌋ — RFM's MaxPool2d(2) (models/DGFANet.py), the layer table D²AM
-       builds on. A max over a reshape: differentiable to any order with no select-and-scatter.
+       builds on. Pairwise maxima over a reshape: differentiable to any order with no
+       select-and-scatter.
     """
     if window == 2:
         n, h, w, c = x.shape
-        x = x[:, : h - h % 2, : w - w % 2]
-        return jnp.max(x.reshape(n, h // 2, 2, w // 2, 2, c), axis=(2, 4))
+        x = x[:, : h - h % 2, : w - w % 2].reshape(n, h // 2, 2, w // 2, 2, c)
+        # Not jnp.max over the window: its derivative divides by the number of inputs equal to
+        # the max, which XLA's fusions may recompute as zero (0/0: NaN meta-gradients, measured
+        # with fast_conv_grad at 32×32); maximum's derivative is a selection, finite regardless.
+        rows = jnp.maximum(x[:, :, 0], x[:, :, 1])
+        return jnp.maximum(rows[:, :, :, 0], rows[:, :, :, 1])
     if fast_grad:
         return ops.max_pool_3x3_s2(x)
     return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))

@@ -226,3 +226,28 @@ def test_pool_window_2_runs_e_and_m_with_2x2_pools():
                                    vm, feat)
     assert logit.shape == (2,)
     assert models.max_pool(jnp.zeros((1, 4, 4, 1)), window=2).shape == (1, 2, 2, 1)
+
+
+def test_pool_window_2_meta_gradients_are_finite_and_match_xla_convolutions():
+    # jnp.max over the 2×2 window gave NaN meta-test gradients under jit with the CPU-tuned ops
+    # (its derivative divides by a count of ties that the compiled step could make zero); the
+    # same step with XLA's own convolutions was finite. Both must now agree.
+    from conftest import random_meta_batch, tiny_config
+
+    from d2am_jax import meta
+    from d2am_jax import state as state_lib
+    batch, grads = None, {}
+    for fast in (True, False):
+        config = tiny_config()
+        config.model.pool_window = 2
+        config.model.fast_conv_grad = fast
+        objective = meta.make_objective(config)
+        state = state_lib.init_state(config, jax.random.PRNGKey(0))
+        batch = batch or random_meta_batch(config, seed=0)
+        grads[fast] = jax.jit(jax.grad(
+            lambda p: objective(p, state.batch_stats, batch, jax.random.PRNGKey(1), True)[0]))(
+                state.params)
+    fast, xla = (np.concatenate([np.ravel(a) for a in jax.tree.leaves(grads[f])])
+                 for f in (True, False))
+    assert np.isfinite(fast).all()
+    assert np.linalg.norm(fast - xla) <= 1e-4 * np.linalg.norm(xla)

@@ -11,13 +11,13 @@ target (0, 1, 2 → 3, even at 800 frames each), target AUC over 5 seeds had a s
 and the seed decides the cue. Six sources (designed 0, 1, 2 and drawn 4, 5, 6) of 400 frames (100
 four-frame videos) each cut it to 8.5 and 4.3 on two targets (3 and 7), still a paired
 ERM − D²AM spread of 9.9 points: one network transfers well to one unseen domain and badly to
-another, and two targets do not average that out. The same 15 trained runs re-scored on the
-designed target 3 and 25 drawn ones (7–31, pooled: 10 400 frames, 2 600 videos) measured 2.9
-(D²AM) and 1.8 (ERM), paired spread 2.0 — enough for a 5-seed 95 % interval of ±2.5 points.
-Targets cost only evaluation: training is unchanged by them (each synthetic domain is drawn
+another, and two targets do not average that out. Evaluated instead on the designed target 3
+and 25 drawn ones (7–31, pooled: 10 400 frames, 2 600 videos), the same seeds measured 2.9
+(D²AM) and 1.8 (ERM), paired ERM − D²AM spread 2.0: a 5-seed 95 % interval of ±2.5 points.
+Targets cost only evaluation: training does not depend on them (each synthetic domain is drawn
 independently of how many there are). 20 % of each class's source videos (60 per class) are held
 out as source validation. 12 epochs of 80 meta-steps; a checkpoint at each epoch end, all 12 kept
-for figures.py's Fig. 6 and 7a. Expected run time on the 2-core CPU: 5–11 minutes per run
+for figures.py's Fig. 6 and 7a. Expected run time on the 2-core CPU: 5–10 minutes per run
 depending on the machine's load (RESULTS.md gives each grid's wall time).
 """
 

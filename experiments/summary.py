@@ -1,5 +1,6 @@
 """A grid's summary over seeds: mean ± std and a 95 % Student-t interval per row and metric, the
-paper's numbers beside them, paired differences, run time; per-epoch gradient diagnostics.
+paper's numbers beside them, paired differences (the grid's pairs), run time; per-epoch gradient
+diagnostics.
 
 Host-only (numpy, scipy; never jax): it reads results.json, metrics.jsonl and run.json files.
 """
@@ -156,22 +157,34 @@ def table(rows: list[dict]) -> list[dict]:
     return out
 
 
-def paired(rows: list[dict], which: str = "final") -> list[dict]:
-    """Each row against the grid's first row, seed by seed (the same seeds: paired), for AUC and
-    both HTERs: the mean difference and its interval."""
+def paired(rows: list[dict], which: str = "final", pairs=()) -> list[dict]:
+    """Each (row, reference) of `pairs` seed by seed (the same seeds: paired), for AUC and both
+    HTERs at evaluation `which`: the mean difference row − reference and its interval. Empty
+    `pairs`: every row against the first; a pair with a row not collected (a --rows subset) is
+    left out."""
     if not rows:
         return []
-    ref = rows[0]
+    by_name = {entry["row"]: entry for entry in rows}
+    pairs = pairs or [(entry["row"], rows[0]["row"]) for entry in rows[1:]]
     out = []
-    for entry in rows[1:]:
+    for name, reference in pairs:
+        if name not in by_name or reference not in by_name:
+            continue
+        a = by_name[reference]["values"].get(which, {})
+        b = by_name[name]["values"].get(which, {})
+        seeds = sorted(set(a) & set(b))
         for metric in ("auc", "hter", "hter_test_eer"):
-            a, b = ref["values"].get(which, {}), entry["values"].get(which, {})
-            seeds = sorted(set(a) & set(b))
             diffs = [b[s][metric] - a[s][metric] for s in seeds
                      if a[s][metric] is not None and b[s][metric] is not None]
-            out.append({"row": entry["row"], "reference": ref["row"], "metric": metric,
-                        **interval(diffs)})
+            out.append({"row": name, "reference": reference, "evaluation": which,
+                        "metric": metric, **interval(diffs)})
     return out
+
+
+def all_paired(grid, rows: list[dict], last_n: int) -> list[dict]:
+    """`paired` at the final evaluation, the mean of the last N and the best checkpoint."""
+    return [p for which in ("final", f"last{last_n}", "best")
+            for p in paired(rows, which, grid.pairs)]
 
 
 def _fmt(stat: dict, scale: float = 100.0) -> str:
@@ -209,12 +222,21 @@ def markdown(grid, rows: list[dict], seeds: int, last_n: int, command: str) -> s
             lines.append(f"| {entry['row']} | " + " | ".join(cells.get(m, "—") for m in METRICS)
                          + f" | {ref} |")
         lines.append("")
-    pairs = paired(rows)
+    pairs = all_paired(grid, rows, last_n)
     if pairs:
-        lines += [f"## Paired differences against `{rows[0]['row']}` (final evaluation, "
-                  "row − reference, points)", "", "| row | metric | mean ± std [95 %] |",
-                  "| --- | --- | --- |"]
-        lines += [f"| {p['row']} | {p['metric']} | {_fmt(p)} |" for p in pairs]
+        # Every evaluation side by side: a metric averaged over more evaluations can vary less
+        # from seed to seed, and this is where a reader sees whether it does.
+        evaluations = ("final", f"last{last_n}", "best")
+        lines += ["## Paired differences, row − reference (points, the same seeds)", "",
+                  f"mean ± std [95 %] at the final evaluation, at the mean of the last {last_n} "
+                  "evaluations and at the best checkpoint by source validation.", "",
+                  f"| row | reference | metric | final | last {last_n} | best |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        cell = {(p["row"], p["reference"], p["metric"], p["evaluation"]): _fmt(p) for p in pairs}
+        keys = dict.fromkeys((p["row"], p["reference"], p["metric"]) for p in pairs)
+        lines += [f"| {r} | {ref} | {m} | " + " | ".join(cell.get((r, ref, m, w), "—")
+                                                         for w in evaluations) + " |"
+                  for r, ref, m in keys]
         lines.append("")
     lines += ["## Runs and time", "", "| row | seeds done | failed | row seconds | median step s "
               "| peak RSS GB |", "| --- | --- | --- | --- | --- | --- |"]
@@ -257,12 +279,13 @@ def epoch_table(rows: list[dict]) -> list[dict]:
 
 
 def write(grid, directory: str, seeds: int, last_n: int, command: str) -> list[dict]:
-    """Writes summary.md, summary.csv (and summary_epochs.csv when there are gradient
-    diagnostics) into `directory`; returns the collected rows."""
+    """Writes summary.md, summary.csv, summary_paired.csv (and summary_epochs.csv when there are
+    gradient diagnostics) into `directory`; returns the collected rows."""
     rows = collect(grid, directory, seeds, last_n)
     with open(os.path.join(directory, "summary.md"), "w") as f:
         f.write(markdown(grid, rows, seeds, last_n, command))
     _write_csv(os.path.join(directory, "summary.csv"), table(rows))
+    _write_csv(os.path.join(directory, "summary_paired.csv"), all_paired(grid, rows, last_n))
     diag = epoch_table(rows)
     if diag:
         _write_csv(os.path.join(directory, "summary_epochs.csv"), diag)

@@ -83,6 +83,33 @@ def test_summary_sets_paper_values_beside_and_reports_failures(tmp_path):
     assert erm_auc["n"] == 1 and erm_auc["mean"] == pytest.approx(-0.2)   # seed 0 only
 
 
+def test_order_study_pairs_each_order_with_the_other_at_every_evaluation(tmp_path):
+    grid = grids.get("order_study", "second_a0.1,first_a0.1,second_a0.01")
+    rec = lambda auc, best: {m: 0.5 for m in summary.METRICS} | {"auc": auc, "is_best": best}  # noqa
+    # Per seed: AUC at epochs 1, 2, 3; the best checkpoint is the last one marked.
+    for row, seed, aucs, best in (("second_a0.1", 0, (0.6, 0.8, 0.7), (1, 0, 0)),
+                                  ("second_a0.1", 1, (0.5, 0.9, 0.9), (1, 1, 0)),
+                                  ("first_a0.1", 0, (0.7, 0.6, 0.5), (1, 1, 0)),
+                                  ("first_a0.1", 1, (0.8, 0.8, 0.6), (1, 0, 0))):
+        _fake_run(tmp_path, row, seed, "done", [rec(a, bool(b)) for a, b in zip(aucs, best)])
+    _fake_run(tmp_path, "second_a0.01", 0, "done", [rec(0.9, True)])
+    rows = summary.write(grid, str(tmp_path), seeds=2, last_n=2, command="cmd")
+    auc = {p["evaluation"]: p for p in summary.all_paired(grid, rows, 2) if p["metric"] == "auc"}
+    # first − second, seed 0 and 1: final 0.5−0.7, 0.6−0.9; last 2: 0.55−0.75, 0.7−0.9;
+    # best: 0.6−0.6, 0.8−0.9. second_a0.01 has no first-order partner here: no pair.
+    assert set(auc) == {"final", "last2", "best"}
+    assert {p["row"] for p in summary.all_paired(grid, rows, 2)} == {"first_a0.1"}
+    assert auc["final"]["mean"] == pytest.approx(-0.25) and auc["final"]["n"] == 2
+    assert auc["last2"]["mean"] == pytest.approx(-0.2)
+    assert auc["best"]["mean"] == pytest.approx(-0.05)
+    assert auc["best"]["std"] == pytest.approx(math.sqrt(0.005))   # diffs 0.0 and −0.1
+    text = (tmp_path / "summary.md").read_text()
+    assert "| first_a0.1 | second_a0.1 | auc | -25.00 ± 7.07" in text
+    paired_csv = (tmp_path / "summary_paired.csv").read_text().splitlines()
+    assert paired_csv[0].startswith("row,reference,evaluation,metric,n,mean")
+    assert len(paired_csv) == 1 + 3 * 3                  # 3 evaluations × 3 metrics, one pair
+
+
 # ----------------------------------------------------------------------------- grids and input
 
 

@@ -1,7 +1,7 @@
 """The experiments: summary statistics against hand-computed values, the grids, bad input refused
 before anything trains, the runner end to end on the smoke config (a failed run reported, finished
-runs skipped) and the figures from its workdir; records with both HTERs and TPR@FPR 5 %; the
-source-validation floor; the host side imports no jax.
+runs skipped) and the figures from its workdir; the spread of paired differences; records with
+both HTERs and TPR@FPR 5 %; the source-validation floor; the host side imports no jax.
 """
 
 import json
@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.join(ROOT, "experiments"))
 
 import grids  # noqa: E402
 import run as runner  # noqa: E402
+import spread  # noqa: E402
 import summary  # noqa: E402
 
 CACHE = os.path.join(tempfile.gettempdir(), "d2am_jax-test-xla-cache")
@@ -108,6 +109,26 @@ def test_order_study_pairs_each_order_with_the_other_at_every_evaluation(tmp_pat
     paired_csv = (tmp_path / "summary_paired.csv").read_text().splitlines()
     assert paired_csv[0].startswith("row,reference,evaluation,metric,n,mean")
     assert len(paired_csv) == 1 + 3 * 3                  # 3 evaluations × 3 metrics, one pair
+
+
+def test_spread_of_the_paired_difference_final_and_last_n(tmp_path, capsys):
+    grid = grids.get("table3", "d2am,erm")
+    rec = lambda auc: {m: 0.5 for m in summary.METRICS} | {"auc": auc}  # noqa: E731
+    for row, per_seed in (("d2am", ((0.8, 0.9), (0.7, 0.8), (0.9, 0.9))),
+                          ("erm", ((0.9, 0.8), (0.8, 0.9), (0.9, 1.0)))):
+        for seed, aucs in enumerate(per_seed):
+            _fake_run(tmp_path, row, seed, "done", [rec(a) for a in aucs])
+    got = {r["last"]: r for r in spread.spreads(grid, str(tmp_path), 3, [1, 2])}
+    # final: erm − d2am = −0.1, 0.1, 0.1 → sd 0.11547; last 2: 0, 0.1, 0.05 → sd 0.05;
+    # half-width t(0.975, 2) · sd / √3 with t = 4.302653.
+    assert got[1]["std"] == pytest.approx(11.547, abs=1e-3)
+    assert got[2]["mean"] == pytest.approx(5.0) and got[2]["std"] == pytest.approx(5.0)
+    assert got[2]["half_width"] == pytest.approx(4.302653 * 5.0 / math.sqrt(3), abs=1e-4)
+    assert spread.main(["table3", "--workdir", str(tmp_path), "--seeds", "3",
+                        "--rows", "d2am,erm", "--last", "1,2"]) == 0
+    assert "| erm − d2am | 11.55 (28.68) | 5.00 (12.42) |" in capsys.readouterr().out
+    assert spread.main(["table3", "--workdir", str(tmp_path), "--last", "0"]) == 2
+    assert "--last '0': expected integers ≥ 1" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- grids and input
@@ -257,10 +278,10 @@ def test_benchmark_config_is_locked_valid_and_documented():
     assert "Expected run time" in benchmark.__doc__
 
 
-def test_runner_grids_and_summary_import_no_jax():
+def test_runner_grids_summary_and_spread_import_no_jax():
     import subprocess
     code = ("import sys; sys.path[:0] = ['experiments']\n"
-            "import grids, run, summary\n"
+            "import grids, run, spread, summary\n"
             "print([m for m in ('jax', 'jaxlib', 'flax') if m in sys.modules])\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                           timeout=120)

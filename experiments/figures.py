@@ -142,7 +142,24 @@ def tsne(x: np.ndarray, seed: int = 0) -> np.ndarray:
     return TSNE(2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(x)
 
 
+# Beyond this many target domains they share one colour: 26 pooled targets (configs/benchmark.py)
+# would otherwise fill the plot with a 52-entry legend and repeat the 10 colours.
+MAX_TARGET_COLOURS = 4
+
+
+def plotted_domains(domain: np.ndarray) -> np.ndarray:
+    """The names points are coloured by: the true domains, with the target's pooled into one
+    ('target (N domains)') when it has more than MAX_TARGET_COLOURS."""
+    names = np.asarray(domain).astype(str)
+    is_target = np.char.startswith(names, "target ")
+    count = len(set(names[is_target].tolist()))
+    if count <= MAX_TARGET_COLOURS:
+        return names
+    return np.where(is_target, f"target ({count} domains)", names)
+
+
 def _scatter(ax, xy, colour_by, is_live, title):
+    colour_by = plotted_domains(colour_by)
     names = sorted(set(colour_by.tolist()))
     for i, name in enumerate(names):
         for label, marker in MARKERS.items():

@@ -262,6 +262,14 @@ def test_figures_from_a_finished_workdir(grid_dir, tmp_path):
     assert h["run0_xy"].shape[1] == 2 and len(h["run0_xy"]) == len(h["run0_live"])
 
 
+def test_figures_pool_the_colours_of_many_target_domains():
+    import figures
+    few = np.array(["0", "1", "target 3", "target 7"])
+    assert figures.plotted_domains(few).tolist() == few.tolist()
+    many = np.array(["0", "target 3"] + [f"target {d}" for d in range(7, 12)] + ["target 3"])
+    assert figures.plotted_domains(many).tolist() == ["0"] + ["target (6 domains)"] * 7
+
+
 def test_benchmark_config_is_locked_valid_and_documented():
     from d2am_jax.configs import benchmark, synthetic
     config = benchmark.get_config()

@@ -1,5 +1,5 @@
 """Runs an experiment grid over seeds, each (row, seed) an ordinary resumable training workdir, and
-writes DIR/summary.md, DIR/summary.csv and DIR/summary_paired.csv (experiments/summary.py).
+writes DIR/summary.md and the CSVs beside it (experiments/summary.py).
 
   python experiments/run.py GRID --base CONFIG --seeds N --workdir DIR [--rows a,b]
       [--last 3] [--jobs 1] [--config.FIELD=VALUE ...]
@@ -191,7 +191,7 @@ def run_grid(grid: grids.Grid, runs: list[Run], directory: str, seeds: int, last
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
     summary.write(grid, directory, seeds, last, command)
-    print(f"wrote {directory}/summary.md, summary.csv and summary_paired.csv", flush=True)
+    print(f"wrote {directory}/summary.md and its CSVs", flush=True)
     failed = [r for r in runs if _status(r).get("status") != "done"]
     return 1 if failed else 0
 

@@ -157,6 +157,14 @@ def table(rows: list[dict]) -> list[dict]:
     return out
 
 
+def per_seed(rows: list[dict]) -> list[dict]:
+    """summary_seeds.csv: one line per row × seed × evaluation × metric, the value itself."""
+    return [{"row": entry["row"], "seed": seed, "evaluation": which, "metric": metric,
+             "value": values[metric]}
+            for entry in rows for which, by_seed in entry["values"].items()
+            for seed, values in sorted(by_seed.items()) for metric in METRICS]
+
+
 def paired(rows: list[dict], which: str = "final", pairs=()) -> list[dict]:
     """Each (row, reference) of `pairs` seed by seed (the same seeds: paired), for AUC and both
     HTERs at evaluation `which`: the mean difference row − reference and its interval. Empty
@@ -279,13 +287,15 @@ def epoch_table(rows: list[dict]) -> list[dict]:
 
 
 def write(grid, directory: str, seeds: int, last_n: int, command: str) -> list[dict]:
-    """Writes summary.md, summary.csv, summary_paired.csv (and summary_epochs.csv when there are
-    gradient diagnostics) into `directory`; returns the collected rows."""
+    """Writes summary.md, summary.csv, summary_paired.csv, summary_seeds.csv (and
+    summary_epochs.csv when there are gradient diagnostics) into `directory`; returns the
+    collected rows."""
     rows = collect(grid, directory, seeds, last_n)
     with open(os.path.join(directory, "summary.md"), "w") as f:
         f.write(markdown(grid, rows, seeds, last_n, command))
     _write_csv(os.path.join(directory, "summary.csv"), table(rows))
     _write_csv(os.path.join(directory, "summary_paired.csv"), all_paired(grid, rows, last_n))
+    _write_csv(os.path.join(directory, "summary_seeds.csv"), per_seed(rows))
     diag = epoch_table(rows)
     if diag:
         _write_csv(os.path.join(directory, "summary_epochs.csv"), diag)

@@ -109,6 +109,9 @@ def test_order_study_pairs_each_order_with_the_other_at_every_evaluation(tmp_pat
     paired_csv = (tmp_path / "summary_paired.csv").read_text().splitlines()
     assert paired_csv[0].startswith("row,reference,evaluation,metric,n,mean")
     assert len(paired_csv) == 1 + 3 * 3                  # 3 evaluations × 3 metrics, one pair
+    seeds_csv = (tmp_path / "summary_seeds.csv").read_text().splitlines()
+    assert seeds_csv[0] == "row,seed,evaluation,metric,value"
+    assert "first_a0.1,1,last2,auc,0.7" in seeds_csv                # (0.8 + 0.6) / 2
 
 
 def test_spread_of_the_paired_difference_final_and_last_n(tmp_path, capsys):

@@ -19,8 +19,6 @@ import math
 import os
 import sys
 
-from scipy import stats
-
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]
 
@@ -40,11 +38,9 @@ def spreads(grid, directory: str, seeds: int, lasts, metric: str = "auc") -> lis
         for p in summary.paired(rows, f"last{last}", grid.pairs):
             if p["metric"] != metric:
                 continue
-            n, sd = p["n"], p["std"]
-            half = (float(stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
-                    if n >= 2 and math.isfinite(sd) else math.nan)
-            out.append({"row": p["row"], "reference": p["reference"], "last": last, "n": n,
-                        "mean": 100 * p["mean"], "std": 100 * sd, "half_width": 100 * half})
+            half = (p["hi"] - p["lo"]) / 2  # summary.interval's Student-t interval; NaN if n < 2
+            out.append({"row": p["row"], "reference": p["reference"], "last": last, "n": p["n"],
+                        "mean": 100 * p["mean"], "std": 100 * p["std"], "half_width": 100 * half})
     return out
 
 

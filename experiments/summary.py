@@ -246,8 +246,8 @@ def markdown(grid, rows: list[dict], seeds: int, last_n: int, command: str) -> s
                                                          for w in evaluations) + " |"
                   for r, ref, m in keys]
         lines.append("")
-    lines += ["## Runs and time", "", "| row | seeds done | failed | row seconds | median step s "
-              "| peak RSS GB |", "| --- | --- | --- | --- | --- | --- |"]
+    lines += ["## Runs and time", "", "| row | seeds done | failed or not run | row seconds "
+              "| median step s | peak RSS GB |", "| --- | --- | --- | --- | --- | --- |"]
     for entry in rows:
         step = [s for s in entry["step_s"] if s is not None]
         rss = [r for r in entry["peak_rss_bytes"] if r]

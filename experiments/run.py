@@ -2,7 +2,7 @@
 writes DIR/summary.md and the CSVs beside it (experiments/summary.py).
 
   python experiments/run.py GRID --base CONFIG --seeds N --workdir DIR [--rows a,b]
-      [--last 3] [--jobs 1] [--config.FIELD=VALUE ...]
+      [--last 3] [--jobs 1] [--summarize] [--config.FIELD=VALUE ...]
 
 GRID: table1, table2, table3, order_study (experiments/grids.py). Runs live in DIR/ROW/seed_S;
 finished ones are skipped, interrupted ones resume, failed ones are retried; a failed run is
@@ -11,6 +11,8 @@ reported in the summary and the other runs still go on. Every row's config is bu
 anything trains. Each run is its own process (experiments/run_one.py): a crash or out-of-memory
 in one run cannot take the grid down, its peak memory is its own, and no jax state leaks between
 runs; the price is a process start and jax import per run (BENCHMARKS.md, "Experiment runner").
+`--summarize` writes the summary of the runs finished so far and runs nothing (a grid still
+running elsewhere, or rows run with different --seeds: the unfinished ones are listed as such).
 """
 
 from __future__ import annotations
@@ -152,6 +154,8 @@ def parse_args(argv):
     parser.add_argument("--rows", default="", help="comma-separated subset of the grid's rows")
     parser.add_argument("--last", type=int, default=3, help="N of 'mean of the last N evaluations'")
     parser.add_argument("--jobs", type=int, default=1, help="runs side by side (processes)")
+    parser.add_argument("--summarize", action="store_true",
+                        help="write the summary of the finished runs; run nothing")
     args, rest = parser.parse_known_args(argv)
     if args.seeds < 1 or args.last < 1 or args.jobs < 1:
         raise UserError("--seeds, --last and --jobs: expected integers ≥ 1")
@@ -165,11 +169,19 @@ def main(argv=None) -> int:
         grid = grids.get(args.grid, args.rows)
         directory = os.path.abspath(args.workdir)
         runs = plan(grid, args.base, args.seeds, directory, {"progress": False, **user})
+        if args.summarize and not os.path.isdir(directory):
+            raise UserError(f"--summarize: {directory}: no such workdir (nothing has run there)")
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    return run_grid(grid, runs, directory, args.seeds, args.last, args.jobs,
-                    "python experiments/run.py " + shlex.join(argv))
+    command = "python experiments/run.py " + shlex.join(argv)
+    if args.summarize:
+        rows = summary.write(grid, directory, args.seeds, args.last, command)
+        done = sum(entry["done"] for entry in rows)
+        print(f"{grid.name}: {done} of {len(runs)} runs done; wrote {directory}/summary.md and "
+              "its CSVs (nothing run)", flush=True)
+        return 0
+    return run_grid(grid, runs, directory, args.seeds, args.last, args.jobs, command)
 
 
 def run_grid(grid: grids.Grid, runs: list[Run], directory: str, seeds: int, last: int,

@@ -1,6 +1,6 @@
 """The experiments: summary statistics against hand-computed values, the grids, bad input refused
 before anything trains, the runner end to end on the smoke config (a failed run reported, finished
-runs skipped) and the figures from its workdir; the spread of paired differences; records with
+runs skipped; `--summarize` runs nothing) and the figures from its workdir; the spread of paired differences; records with
 both HTERs and TPR@FPR 5 %; the source-validation floor; the host side imports no jax.
 """
 
@@ -82,6 +82,26 @@ def test_summary_sets_paper_values_beside_and_reports_failures(tmp_path):
     pairs = summary.paired(rows)
     erm_auc = [p for p in pairs if p["row"] == "erm" and p["metric"] == "auc"][0]
     assert erm_auc["n"] == 1 and erm_auc["mean"] == pytest.approx(-0.2)   # seed 0 only
+
+
+def test_summarize_writes_what_finished_and_runs_nothing(tmp_path, monkeypatch, capsys):
+    record = {m: 0.5 for m in summary.METRICS} | {"auc": 0.9, "is_best": True}
+    _fake_run(tmp_path, "second_timing", 0, "done", [record])
+    monkeypatch.setattr(runner, "execute", lambda run: pytest.fail(f"--summarize ran {run.name}"))
+    argv = ["order_study", "--rows", "second_timing,first_timing", "--base", SMOKE, "--seeds",
+            "2", "--summarize"]
+    assert runner.main(argv + ["--workdir", str(tmp_path)]) == 0
+    assert "1 of 4 runs done" in capsys.readouterr().out
+    text = (tmp_path / "summary.md").read_text()
+    assert "| second_timing | 1 | 1 |" in text and "| first_timing | 0 | 2 |" in text
+    assert "first_timing seed 0: **not run**" in text
+    assert "second_timing seed 1: **not run**" in text
+    assert "90.00" in text                                          # seed 0's AUC, reported
+    assert sorted(os.listdir(tmp_path / "second_timing")) == ["seed_0"]   # nothing created
+    assert not (tmp_path / "first_timing").exists()
+    assert runner.main(argv + ["--workdir", str(tmp_path / "nope")]) == 2
+    assert "--summarize: " in capsys.readouterr().err
+    assert not (tmp_path / "nope").exists()
 
 
 def test_order_study_pairs_each_order_with_the_other_at_every_evaluation(tmp_path):

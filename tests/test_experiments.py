@@ -1,7 +1,8 @@
 """The experiments: summary statistics against hand-computed values, the grids, bad input refused
 before anything trains, the runner end to end on the smoke config (a failed run reported, finished
-runs skipped; `--summarize` runs nothing) and the figures from its workdir; the spread of paired differences; records with
-both HTERs and TPR@FPR 5 %; the source-validation floor; the host side imports no jax.
+runs skipped; `--summarize` runs nothing) and the figures from its workdir; the spread of paired
+differences; records with both HTERs and TPR@FPR 5 %; the source-validation floor; the host side
+imports no jax.
 """
 
 import json

@@ -160,16 +160,32 @@ def parse_value(text: str) -> Any:
         return text
 
 
-def parse_overrides(args: list[str]) -> dict:
-    """['--config.a.b=1', …] → {'a.b': 1, …}; anything else is an error naming it."""
+def parse_overrides(args: list[str], base: ml_collections.ConfigDict | None = None) -> dict:
+    """['--config.a.b=1', …] → {'a.b': 1, …}; anything else is an error naming it. A field that
+    `base` holds as a string keeps the text as written (`--config.data.source=0,1,2` is the
+    string '0,1,2', not the tuple (0, 1, 2))."""
     out = {}
     for arg in args:
         if not arg.startswith("--config.") or "=" not in arg:
             raise UserError(f"unexpected argument {arg!r}; config overrides read "
                             "--config.FIELD=VALUE")
         key, _, value = arg[len("--config."):].partition("=")
-        out[key] = parse_value(value)
+        out[key] = value if _field_type(base, key) is str else parse_value(value)
     return out
+
+
+def _field_type(config: ml_collections.ConfigDict | None, key: str) -> type | None:
+    """The type of dotted field `key` in `config` (None where it has none: `apply` then names
+    an unknown field)."""
+    if config is None:
+        return None
+    *parents, leaf = key.split(".")
+    try:
+        for part in parents:
+            config = config[part]
+        return config.get_type(leaf) if isinstance(config, ml_collections.ConfigDict) else None
+    except (KeyError, AttributeError):
+        return None
 
 
 def apply(config: ml_collections.ConfigDict, overrides: dict, where: str) -> None:

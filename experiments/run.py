@@ -159,7 +159,7 @@ def parse_args(argv):
     args, rest = parser.parse_known_args(argv)
     if args.seeds < 1 or args.last < 1 or args.jobs < 1:
         raise UserError("--seeds, --last and --jobs: expected integers ≥ 1")
-    return args, grids.parse_overrides(rest)
+    return args, grids.parse_overrides(rest, grids.load_base(args.base))
 
 
 def main(argv=None) -> int:

@@ -172,6 +172,19 @@ def test_grids_rows_build_and_pass_the_checks():
     assert config.data.protocol == "MI_O"
 
 
+def test_command_line_overrides_take_the_type_of_the_field():
+    """A string field keeps the text as written, whatever it looks like; others are literals."""
+    base = grids.load_base("d2am_jax/configs/benchmark.py")
+    user = grids.parse_overrides(["--config.data.source=0,1,2,4,5,6,32", "--config.data.target=3",
+                                  "--config.data.synthetic.num_domains=38",
+                                  "--config.meta.inner_lr=1e-3"], base)
+    assert user == {"data.source": "0,1,2,4,5,6,32", "data.target": "3",
+                    "data.synthetic.num_domains": 38, "meta.inner_lr": 1e-3}
+    config = grids.build_config("d2am_jax/configs/benchmark.py", user, seed=0)
+    config_check.check(config)
+    assert (config.data.source, config.data.target) == ("0,1,2,4,5,6,32", "3")
+
+
 @pytest.mark.parametrize("argv, message", [
     (["nogrid"], "unknown grid 'nogrid'"),
     (["table3", "--rows", "d2am,nope"], "no row(s) ['nope']"),

@@ -38,6 +38,7 @@ def test_four_devices_equal_one_in_float64():
         assert out[f"{order}_metrics"] <= 1e-10, out
         assert out[f"{order}_replicated"], out        # the new state stays replicated
         assert out[f"{order}_traces"] == [1, 1], out  # one compile each, sharded or not
+        assert out[f"{order}_grad_norm"] <= 3e3, out  # the step is linear in g (sharded_check)
     assert out["stats"] <= 1e-10 and out["predict"] <= 1e-10, out
     assert out["stats_traces"] == 1
 
@@ -48,19 +49,20 @@ def test_four_devices_equal_one_in_float32():
     batch with each domain's images reordered — the same maths summed in another order).
 
     Measured (second / first order): BatchNorm statistics 1e-8, stats pass 8e-10, prediction 0,
-    losses ≤ 4e-7 — all under 1e-5. The meta-gradient does not reach 1e-5: this config's
-    second-order step (α = 0.5, BatchNorm over 4-image domain batches, 1–6 channels per layer)
-    amplifies rounding, so that reordering the images on one device already moves the gradient
-    by 1.1e-4–3.8e-4 of its global norm (per leaf up to 9.4e-4; first order 1.6e-5–5.4e-5, per
-    leaf 3.2e-4), and the mesh moves it by 1.4e-4 (per leaf 4.6e-4; first order 2.5e-5, per
-    leaf 1.3e-4). So do the gradient norms among the metrics and the parameters after Adam's
-    first step, whose update is ≈ ±β·sign(g) and flips where a gradient element is near 0.
+    losses ≤ 4e-7 — all under 1e-5. The meta-gradient (read off the meta-step's update,
+    sharded_check.py) does not reach 1e-5: this config's second-order step (α = 0.5, BatchNorm
+    over 4-image domain batches, 1–6 channels per layer) amplifies rounding, so that reordering
+    the images on one device already moves the gradient by 1.7e-3 of its global norm (per leaf
+    up to 6.3e-3; first order 4.7e-4, per leaf 3.3e-3), and the mesh moves it by 5.2e-5 (per leaf
+    1.2e-4; first order 1.5e-5, per leaf 1.8e-4). So do the gradient norms among the metrics
+    and the parameters after the step.
     """
     out = _sharded_check("--float32")
     within = lambda value, floor: value <= max(1e-5, 2 * floor)
     for order in ("second", "first"):
         floor = out[f"{order}_floor"]
-        assert floor["grads"] <= 1e-3 and floor["params"] <= 1e-3, floor   # rounding, not a bug
+        assert floor["grads"] <= 1e-2 and floor["params"] <= 1e-2, floor   # rounding, not a bug
+        assert out[f"{order}_grad_norm"] <= 3e3, out
         assert within(out[f"{order}_grads"], floor["grads"]), (out, order)
         assert within(out[f"{order}_grads_leaf"], floor["grads_leaf"]), (out, order)
         assert within(out[f"{order}_params"], floor["params"]), (out, order)

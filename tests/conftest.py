@@ -1,19 +1,10 @@
 """Shared test configuration: tiny D²AM configs that run in seconds on 2 CPU cores."""
 
 import os
-import tempfile
 
 # Tests run tiny models whose XLA:CPU compile time dwarfs their run time: skip LLVM's backend
 # optimisations (about 2× faster compiles; the maths is unchanged). Set before jax initialises.
 os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
-# Many tests compile the same tiny programs (and test_train's runs already share this folder):
-# one persistent compilation cache for every test, its subprocesses included, so a program
-# compiles once per suite run (measured: 14 % less CPU on the model and meta-gradient tests,
-# BENCHMARKS.md). A cached program is the same executable; the key covers code, flags and jax.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
-                      os.path.join(tempfile.gettempdir(), "d2am_jax-test-xla-cache"))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

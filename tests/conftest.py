@@ -3,8 +3,11 @@
 import os
 
 # Tests run tiny models whose XLA:CPU compile time dwarfs their run time: skip LLVM's backend
-# optimisations (about 2× faster compiles; the maths is unchanged). Set before jax initialises.
-os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
+# optimisations (about 2× faster compiles), and emit fusions with XLA:CPU's elemental emitter
+# rather than its newer fusion emitters (a tiny second-order meta-step compiles in 4.9 s instead
+# of 9.2 s, BENCHMARKS.md); the maths is unchanged. Set before jax initialises.
+os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0 "
+                      "--xla_cpu_use_fusion_emitters=false")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

@@ -44,6 +44,10 @@ REMAT_POLICIES = ("everything_saveable", "nothing_saveable", "dots_saveable",
 
 REMAT_WHERE = ("none", "encoder", "blocks", "layers")  # model.remat (models.remat_setting)
 
+# eval.bn_statistics: evaluation's BatchNorm statistics, the running averages the training steps
+# keep or the ones recomputed from fresh training batches before each evaluation (bn_recompute).
+BN_STATISTICS = ("running", "recomputed")
+
 
 def _is_policy(name) -> bool:
     return name in REMAT_POLICIES
@@ -134,6 +138,9 @@ def check(config) -> None:
          "a live probability in [0, 1] (used with threshold_mode='fixed')")
     need(c.eval.batch_size >= 1, "eval.batch_size", "≥ 1")
     need(c.eval.every_epochs >= 1, "eval.every_epochs", "≥ 1")
+    need(c.eval.bn_statistics in BN_STATISTICS, "eval.bn_statistics", f"one of {BN_STATISTICS}")
+    need(isinstance(c.eval.bn_batches, int) and c.eval.bn_batches >= 1, "eval.bn_batches",
+         "≥ 1 training batches (used with bn_statistics='recomputed')")
     need(c.checkpoint.every_steps >= 1, "checkpoint.every_steps", "≥ 1")
     need(c.checkpoint.keep >= 1, "checkpoint.keep", "≥ 1")
     need(c.checkpoint.best_metric in BEST_METRICS, "checkpoint.best_metric",

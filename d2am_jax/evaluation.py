@@ -13,6 +13,10 @@ from d2am_jax.data.dataset import FasData
 
 RESULT_KEYS = ("epoch", "step", "hter", "hter_test_eer", "auc", "eer", "tpr_at_fpr_1pct",
                "tpr_at_fpr_5pct", "acer", "threshold", "threshold_mode")
+# What a record with recomputed BatchNorm statistics also holds of the running averages' evaluation
+# (eval.bn_statistics='recomputed'), as running_bn_<key>.
+RUNNING_BN_KEYS = ("hter", "hter_test_eer", "auc", "tpr_at_fpr_1pct", "tpr_at_fpr_5pct", "val_eer",
+                   "val_auc")
 # The source-validation split's size per class (units: `unit`, and frames), so a record states the
 # floor its threshold and best-checkpoint choice rest on.
 _EXTRA_KEYS = ("val_eer", "val_auc", "unit", "num_live", "num_spoof", "apcer", "bpcer",

@@ -29,6 +29,7 @@ import numpy as np
 import tqdm
 
 from d2am_jax import (
+    bn_recompute,
     checkpointing,
     config_check,
     domains,
@@ -66,11 +67,13 @@ class RunState:
 
 
 class Steps(NamedTuple):
-    """The run's jitted functions: the training step (meta or ERM), stats pass, prediction."""
+    """The run's jitted functions: the training step (meta or ERM), stats pass, prediction, and
+    with eval.bn_statistics='recomputed' the BatchNorm moments of a training batch."""
 
     train: Callable
     stats: Callable
     predict: Callable
+    moments: Callable | None = None
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -141,8 +144,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 batches = None
             best = False
             if epoch_end and ((epoch + 1) % int(config.eval.every_epochs) == 0 or step == total):
+                running = None
+                if steps.moments is not None:   # evaluation, checkpoint and prediction use them
+                    running, state = state, _recomputed_bn(config, steps.moments, state, sampler,
+                                                           pseudo, epoch, spe, placement)
                 best = _evaluate(config, run, steps.predict, state, data, epoch + 1, step,
-                                 metric_log, bar, placement)
+                                 metric_log, bar, placement, running)
+                del running
             if epoch_end or step % int(config.checkpoint.every_steps) == 0 \
                     or preemption.requested:
                 _report_bad_records(run, data.bad, metric_log, workdir, epoch + 1, step, main)
@@ -162,7 +170,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "bad_records": len(run.bad_records),
         "trace_counts": {name: fn.trace_count() for name, fn in
                          (("train_step", steps.train), ("stats_pass", steps.stats),
-                          ("predict", steps.predict))},
+                          ("predict", steps.predict), ("bn_moments", steps.moments))
+                         if fn is not None},
     }
 
 
@@ -247,7 +256,24 @@ def _steps(config, placement: runtime.Placement) -> Steps:
         train_step = erm.make_erm_step(config, placement)
     stats_pass = stats.make_stats_pass(config, int(config.domains.stats_batch_size),
                                        placement=placement)
-    return Steps(train_step, stats_pass, state_lib.make_predict(config))
+    moments = None
+    if config.eval.bn_statistics == "recomputed":
+        moments = bn_recompute.make_batch_moments(config, placement)
+    return Steps(train_step, stats_pass, state_lib.make_predict(config), moments)
+
+
+def _recomputed_bn(config, moments, state, sampler, pseudo, epoch: int, spe: int,
+                   placement) -> state_lib.TrainState:
+    """`state` with the BatchNorm statistics recomputed from eval.bn_batches training batches
+    (bn_recompute): this epoch's pseudo domains (D²AM) or pooled batches (ERM), drawn as steps
+    spe, spe + 1, … of the epoch — seeded by (seed, epoch, step) like every training batch, and
+    never one of them. The training steps read no running statistic; the next epoch's stats pass
+    (E in evaluation mode) reads these."""
+    n = int(config.eval.bn_batches)
+    with feed.training_batches(config, sampler, pseudo, epoch, spe, spe + n,
+                               placement) as batches:
+        new_stats = bn_recompute.recompute(moments, state.params, state.batch_stats, batches)
+    return state.replace(batch_stats=new_stats)
 
 
 def _metadata(config, run: RunState) -> dict:
@@ -364,10 +390,17 @@ def epoch_domains(config, epoch: int, k: int, state, stats_fn, train: FasData,
 
 
 def _evaluate(config, run: RunState, predict, state, data: sources.RunData, epoch: int,
-              step: int, metric_log: logs.MetricLog, bar, placement=None) -> bool:
-    """Evaluates on the target, records the result; True if source validation is the best yet."""
+              step: int, metric_log: logs.MetricLog, bar, placement=None,
+              running_state=None) -> bool:
+    """Evaluates on the target, records the result; True if source validation is the best yet.
+    `running_state`: the state with the running BatchNorm averages, when `state` holds recomputed
+    ones; its metrics go in the record beside, as running_bn_* (nothing else uses them)."""
     result = evaluation.evaluate(predict, state, data.target, data.val, config, placement)
     record = evaluation.record(result, epoch, step)
+    if running_state is not None:
+        running = evaluation.evaluate(predict, running_state, data.target, data.val, config,
+                                      placement)
+        record.update({f"running_bn_{key}": running[key] for key in evaluation.RUNNING_BN_KEYS})
     sign = 1.0 if config_check.BEST_METRICS[config.checkpoint.best_metric] == "min" else -1.0
     value = sign * float(result[config.checkpoint.best_metric])
     # Ties go to the later checkpoint: a small validation set often reaches EER 0 early, and the

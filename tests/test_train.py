@@ -243,6 +243,29 @@ def test_erm_baseline_trains(tmp_path):
     assert [s["step"] for s in steps] == [1, 2] and "loss/cls" in steps[0]
 
 
+def test_recomputed_bn_statistics_are_evaluated_and_kept_by_the_checkpoint(smoke_run, tmp_path):
+    """eval.bn_statistics='recomputed': epoch 1 trains as the plain run does, and its
+    running_bn_* metrics are the plain run's epoch-1 metrics (the same state); the checkpoint
+    keeps the recomputed statistics, with which evaluation gives the record. (From epoch 2 the
+    runs part: the stats pass, which clusters E's features in evaluation mode, reads the
+    recomputed statistics.)"""
+    config = smoke_config(**{"eval.bn_statistics": "recomputed", "eval.bn_batches": 3})
+    workdir = str(tmp_path / "recomputed")
+    summary = train.train_and_evaluate(config, workdir)
+    epoch1 = lambda records: [r for r in _strip_timing(records) if r["epoch"] == 1]
+    assert epoch1(_records(workdir, "train")) == epoch1(_records(smoke_run[0], "train"))
+    plain, results = _results(smoke_run[0]), _results(workdir)
+    for key in evaluation.RUNNING_BN_KEYS:
+        assert results[0][f"running_bn_{key}"] == plain[0][key], key
+    assert results[0]["auc"] != plain[0]["auc"] or results[0]["val_auc"] != plain[0]["val_auc"]
+    assert summary["trace_counts"]["bn_moments"] == 1
+    restored = _final_state(workdir, config)
+    data = sources.load(config, workdir)
+    predict = state_lib.make_predict(config)
+    result = evaluation.evaluate(predict, restored.state, data.target, data.val, config)
+    assert result["auc"] == results[-1]["auc"] and result["val_eer"] == results[-1]["val_eer"]
+
+
 def test_predict_scores_frames_of_the_trained_run(smoke_run, tmp_path):
     from PIL import Image
     workdir, summary = smoke_run

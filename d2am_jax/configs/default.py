@@ -138,6 +138,13 @@ def get_eval_config() -> ml_collections.ConfigDict:
     c.per_video = True             # average frame scores per video when video ids exist
     c.batch_size = 64
     c.every_epochs = 1
+    # BatchNorm statistics of evaluation: 'running' (the averages the training steps keep, as
+    # the paper's PyTorch code evaluates) or 'recomputed' (the mean moments of bn_batches fresh
+    # training batches under the evaluated weights, d2am_jax/bn_recompute.py). With
+    # 'recomputed' the checkpoint and the next epoch's stats pass use the recomputed statistics,
+    # and each record also holds the running averages' metrics as running_bn_*.
+    c.bn_statistics = "running"
+    c.bn_batches = 50
     return c
 
 

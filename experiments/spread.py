@@ -74,7 +74,9 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--rows", default="", help="comma-separated subset of the grid's rows")
     parser.add_argument("--last", default="1,3,6", help="comma-separated N (1: final evaluation)")
-    parser.add_argument("--metric", default="auc", choices=("auc", "hter", "hter_test_eer"))
+    parser.add_argument("--metric", default="auc", choices=summary.PAIRED_METRICS,
+                        help="running_bn_*: the running averages' metrics of runs evaluated with "
+                             "eval.bn_statistics=recomputed")
     parser.add_argument("--out", default="", help="also write the table as CSV here")
     args = parser.parse_args(argv)
     try:

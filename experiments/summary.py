@@ -19,6 +19,12 @@ from scipy import stats
 # Both HTERs (source-validation threshold: honest; the target's own EER threshold: what published
 # tables report), AUC and TPR at two spoof-acceptance budgets.
 METRICS = ("hter", "hter_test_eer", "auc", "tpr_at_fpr_1pct", "tpr_at_fpr_5pct")
+# Paired differences are taken of these; the running_bn_* ones exist only in runs evaluated with
+# recomputed BatchNorm statistics (eval.bn_statistics='recomputed'): the same networks scored with
+# the running averages.
+PAIRED_METRICS = ("auc", "hter", "hter_test_eer", "running_bn_auc", "running_bn_hter",
+                  "running_bn_hter_test_eer")
+_READ = METRICS + PAIRED_METRICS[3:]
 EPOCH_KEYS = ("grad_cosine_first_second", "grad_norm_ratio_first_second")
 
 
@@ -47,10 +53,10 @@ def run_values(results: list[dict], last_n: int) -> dict[str, dict[str, float]]:
     tail = results[-last_n:]
     marked = [r for r in results if r.get("is_best")]
     best = marked[-1] if marked else None
-    out = {"final": {m: results[-1].get(m) for m in METRICS},
-           f"last{last_n}": {m: _mean([r.get(m) for r in tail]) for m in METRICS}}
+    out = {"final": {m: results[-1].get(m) for m in _READ},
+           f"last{last_n}": {m: _mean([r.get(m) for r in tail]) for m in _READ}}
     if best is not None:
-        out["best"] = {m: best.get(m) for m in METRICS}
+        out["best"] = {m: best.get(m) for m in _READ}
     return out
 
 
@@ -167,9 +173,9 @@ def per_seed(rows: list[dict]) -> list[dict]:
 
 def paired(rows: list[dict], which: str = "final", pairs=()) -> list[dict]:
     """Each (row, reference) of `pairs` seed by seed (the same seeds: paired), for AUC and both
-    HTERs at evaluation `which`: the mean difference row − reference and its interval. Empty
-    `pairs`: every row against the first; a pair with a row not collected (a --rows subset) is
-    left out."""
+    HTERs at evaluation `which` (and their running_bn_* values where the runs hold them): the
+    mean difference row − reference and its interval. Empty `pairs`: every row against the
+    first; a pair with a row not collected (a --rows subset) is left out."""
     if not rows:
         return []
     by_name = {entry["row"]: entry for entry in rows}
@@ -181,9 +187,11 @@ def paired(rows: list[dict], which: str = "final", pairs=()) -> list[dict]:
         a = by_name[reference]["values"].get(which, {})
         b = by_name[name]["values"].get(which, {})
         seeds = sorted(set(a) & set(b))
-        for metric in ("auc", "hter", "hter_test_eer"):
+        for metric in PAIRED_METRICS:
             diffs = [b[s][metric] - a[s][metric] for s in seeds
                      if a[s][metric] is not None and b[s][metric] is not None]
+            if not diffs and metric.startswith("running_bn_"):
+                continue
             out.append({"row": name, "reference": reference, "evaluation": which,
                         "metric": metric, **interval(diffs)})
     return out

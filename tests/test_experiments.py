@@ -137,11 +137,17 @@ def test_order_study_pairs_each_order_with_the_other_at_every_evaluation(tmp_pat
 
 def test_spread_of_the_paired_difference_final_and_last_n(tmp_path, capsys):
     grid = grids.get("table3", "d2am,erm")
-    rec = lambda auc: {m: 0.5 for m in summary.METRICS} | {"auc": auc}  # noqa: E731
-    for row, per_seed in (("d2am", ((0.8, 0.9), (0.7, 0.8), (0.9, 0.9))),
-                          ("erm", ((0.9, 0.8), (0.8, 0.9), (0.9, 1.0)))):
+    # running_bn_auc (runs evaluated with recomputed BatchNorm statistics): D²AM's 0.05 above its
+    # auc, ERM's equal to it.
+    rec = lambda auc, up: {m: 0.5 for m in summary.METRICS} | {  # noqa: E731
+        "auc": auc, "running_bn_auc": auc + up}
+    for row, up, per_seed in (("d2am", 0.05, ((0.8, 0.9), (0.7, 0.8), (0.9, 0.9))),
+                              ("erm", 0.0, ((0.9, 0.8), (0.8, 0.9), (0.9, 1.0)))):
         for seed, aucs in enumerate(per_seed):
-            _fake_run(tmp_path, row, seed, "done", [rec(a) for a in aucs])
+            _fake_run(tmp_path, row, seed, "done", [rec(a, up) for a in aucs])
+    running = {r["last"]: r for r in spread.spreads(grid, str(tmp_path), 3, [1, 2],
+                                                    "running_bn_auc")}
+    assert running[2]["mean"] == pytest.approx(0.0) and running[2]["std"] == pytest.approx(5.0)
     got = {r["last"]: r for r in spread.spreads(grid, str(tmp_path), 3, [1, 2])}
     # final: erm − d2am = −0.1, 0.1, 0.1 → sd 0.11547; last 2: 0, 0.1, 0.05 → sd 0.05;
     # half-width t(0.975, 2) · sd / √3 with t = 4.302653.

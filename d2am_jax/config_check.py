@@ -43,6 +43,7 @@ REMAT_POLICIES = ("everything_saveable", "nothing_saveable", "dots_saveable",
 
 
 REMAT_WHERE = ("none", "encoder", "blocks", "layers")  # model.remat (models.remat_setting)
+OUTER_LR_SCHEDULES = ("constant", "cosine")             # meta.outer_lr_schedule (state.outer_lr)
 
 # eval.bn_statistics: evaluation's BatchNorm statistics, the running averages the training steps
 # keep or the ones recomputed from fresh training batches before each evaluation (bn_recompute).
@@ -116,6 +117,8 @@ def check(config) -> None:
     need(m.per_domain_batch >= 2 and m.per_domain_batch % 2 == 0, "meta.per_domain_batch",
          "an even number ≥ 2 (half live, half spoof)")
     need(_finite(m.outer_lr) and m.outer_lr > 0, "meta.outer_lr", "a finite β > 0")
+    need(m.outer_lr_schedule in OUTER_LR_SCHEDULES, "meta.outer_lr_schedule",
+         f"one of {OUTER_LR_SCHEDULES}")
     need(_finite(m.inner_lr) and m.inner_lr >= 0, "meta.inner_lr", "a finite α ≥ 0")
     for field in ("lambda_p", "lambda_m", "weight_decay"):
         need(_finite(m[field]) and m[field] >= 0, f"meta.{field}", "a finite number ≥ 0")
@@ -180,11 +183,16 @@ def with_defaults(saved: dict) -> dict:
 
 def resumable_changes(saved: dict, config, where: str) -> list[str]:
     """The fields a resume changes (allowed: RESUMABLE_CHANGES); UserError for any other. A
-    field the saved run predates counts as its default (`with_defaults`)."""
+    field the saved run predates counts as its default (`with_defaults`). Under a scheduled β
+    the number of epochs fixes the schedule's length, so it may not change either."""
     changed = differences(with_defaults(saved), as_dict(config))
     allowed = [f for f in changed if any(f == p or f.startswith(p) for p in RESUMABLE_CHANGES)]
+    if config.meta.outer_lr_schedule != "constant" and "num_epochs" in allowed:
+        allowed.remove("num_epochs")
     refused = [f for f in changed if f not in allowed]
     if refused:
-        raise UserError(f"{where} holds a run with a different config (fields {refused}); use a "
-                        f"new workdir, or the same values to resume")
+        why = (" — meta.outer_lr_schedule spans num_epochs" if "num_epochs" in refused and
+               config.meta.outer_lr_schedule != "constant" else "")
+        raise UserError(f"{where} holds a run with a different config (fields {refused}{why}); "
+                        f"use a new workdir, or the same values to resume")
     return allowed

@@ -83,11 +83,12 @@ def make_loss(config) -> Callable:
     return runtime.with_project_random(loss)
 
 
-def make_erm_step(config, placement=None) -> Callable:
+def make_erm_step(config, placement=None, total_steps: int | None = None) -> Callable:
     """`erm_step(state, batch) -> (state, metrics)`: jitted once, state donated; the same
-    TrainState and outer optimizer (Adam(β)) as the meta-step."""
+    TrainState and outer optimizer (Adam(β), its schedule over `total_steps`) as the meta-step."""
     loss = make_loss(config)
-    tx = state_lib.outer_optimizer(config.meta)
+    tx = state_lib.outer_optimizer(config.meta, total_steps)
+    report_lr = state_lib.scheduled_lr_metric(config.meta, total_steps)
 
     def step(state: state_lib.TrainState, batch):
         key = jax.random.fold_in(state.rng, state.step)
@@ -97,6 +98,7 @@ def make_erm_step(config, placement=None) -> Callable:
         params = optax.apply_updates(state.params, updates)
         metrics.update(state_lib.gradient_norms(grads))
         metrics.update(state_lib.state_scale(params, new_stats))
+        metrics.update(report_lr(state.step))
         return state.replace(step=state.step + 1, params=params, batch_stats=new_stats,
                              opt_state=opt_state), metrics
 

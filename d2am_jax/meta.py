@@ -155,17 +155,20 @@ def _cosine(a, b) -> jax.Array:
     return dot / (state_lib.global_norm(a) * state_lib.global_norm(b) + 1e-30)
 
 
-def make_meta_step(config, placement=None) -> Callable:
+def make_meta_step(config, placement=None, total_steps: int | None = None) -> Callable:
     """`meta_step(state, batch, *, second_order) -> (state, metrics)`: jitted, state donated.
 
     `second_order` is static (each value compiles once). With `config.meta.grad_cosine` the
     metrics also hold the cosine between this step's first- and second-order meta-gradients and
     their norm ratio ‖first‖ / ‖second‖ (`grad_norm_ratio_first_second`), on the same batch.
     The batch is checked (`validate_batch`) before it reaches the compiled step. `placement`
-    (`runtime.Placement`): the mesh a sharded run's state and batches live on.
+    (`runtime.Placement`): the mesh a sharded run's state and batches live on. `total_steps`:
+    the run's number of outer steps, which a scheduled β needs (meta.outer_lr_schedule); the
+    metrics then also hold this step's β as `lr/outer`.
     """
     objective = make_objective(config)
-    tx = state_lib.outer_optimizer(config.meta)
+    tx = state_lib.outer_optimizer(config.meta, total_steps)
+    report_lr = state_lib.scheduled_lr_metric(config.meta, total_steps)
     want_cosine = bool(config.meta.grad_cosine)
 
     def step(state: state_lib.TrainState, batch: Batch, second_order: bool):
@@ -186,6 +189,7 @@ def make_meta_step(config, placement=None) -> Callable:
         params = optax.apply_updates(state.params, updates)
         metrics.update(state_lib.gradient_norms(grads))
         metrics.update(state_lib.state_scale(params, new_stats))
+        metrics.update(report_lr(state.step))
         new_state = state.replace(
             step=state.step + 1, params=params, batch_stats=new_stats, opt_state=opt_state
         )

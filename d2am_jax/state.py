@@ -72,11 +72,33 @@ def jit_step(fn: Callable, *, static_argnames=(), donate_state: bool = False,
     return JittedStep(fn, **kwargs)
 
 
-def outer_optimizer(meta_config) -> optax.GradientTransformation:
-    """Adam(β) on all parameters (Eq. 11–13)."""
+def outer_lr(meta_config, total_steps: int | None = None):
+    """β (meta.outer_lr_schedule='constant'), or for 'cosine' the schedule
+    step → β·½(1 + cos(π·step / total_steps)): β at the first step, 0 after the run's last.
+    `total_steps` (num_epochs × steps per epoch) only the run knows: without it the schedule
+    refuses to be evaluated — an optimizer built from it can be initialised, not stepped."""
+    if meta_config.outer_lr_schedule == "constant":
+        return meta_config.outer_lr
+    if not total_steps:
+        def unknown_length(count):
+            raise ValueError("meta.outer_lr_schedule='cosine': the step was built without the "
+                             "run's total number of outer steps (total_steps)")
+        return unknown_length
+    return optax.cosine_decay_schedule(meta_config.outer_lr, int(total_steps))
+
+
+def scheduled_lr_metric(meta_config, total_steps: int | None = None) -> Callable:
+    """step → {'lr/outer': the β this step applies} under a schedule; {} for a constant β."""
+    lr = outer_lr(meta_config, total_steps)
+    return (lambda step: {"lr/outer": lr(step)}) if callable(lr) else (lambda step: {})
+
+
+def outer_optimizer(meta_config, total_steps: int | None = None) -> optax.GradientTransformation:
+    """Adam(β) on all parameters (Eq. 11–13), β by meta.outer_lr_schedule (`outer_lr`)."""
+    lr = outer_lr(meta_config, total_steps)
     if meta_config.weight_decay:
-        return optax.adamw(meta_config.outer_lr, weight_decay=meta_config.weight_decay)
-    return optax.adam(meta_config.outer_lr)
+        return optax.adamw(lr, weight_decay=meta_config.weight_decay)
+    return optax.adam(lr)
 
 
 def init_state(config, rng: jax.Array, batch_size: int = 2) -> TrainState:

@@ -90,13 +90,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     imagenet = ImageNetBank(config, data.train.frames)
     run, state, pseudo, initial_scale = _start_or_resume(config, ckpt, data.train,  # line 2
                                                          imagenet, placement)
-    steps = _steps(config, placement)
+    spe, d2am = run.steps_per_epoch, config.method == "d2am"
+    total = int(config.num_epochs) * spe
+    steps = _steps(config, placement, total)
     sampler = sampler_lib.MetaBatchSampler(
         data.train.frames, data.train.labels, data.train.depth, num_domains=run.k,
         per_domain_batch=int(config.meta.per_domain_batch),
         depth_size=depth_size(config.data.resolution), seed=int(config.seed))
-    spe, d2am = run.steps_per_epoch, config.method == "d2am"
-    total = int(config.num_epochs) * spe
     step = int(jax.device_get(state.step))
     last_good = step or None   # the newest checkpoint's step: its state passed check_finite
     rate, batches = _Rate(), None
@@ -246,14 +246,14 @@ def _batch_sizes(config) -> dict[str, int]:
     return sizes
 
 
-def _steps(config, placement: runtime.Placement) -> Steps:
+def _steps(config, placement: runtime.Placement, total_steps: int) -> Steps:
     if config.method == "d2am":
-        meta_step = meta.make_meta_step(config, placement)
+        meta_step = meta.make_meta_step(config, placement, total_steps)
         second_order = bool(config.meta.second_order)
         train_step = lambda s, b: meta_step(s, b, second_order=second_order)  # noqa: E731
         train_step.trace_count = meta_step.trace_count
     else:
-        train_step = erm.make_erm_step(config, placement)
+        train_step = erm.make_erm_step(config, placement, total_steps)
     stats_pass = stats.make_stats_pass(config, int(config.domains.stats_batch_size),
                                        placement=placement)
     moments = None

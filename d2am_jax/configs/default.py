@@ -53,6 +53,9 @@ def get_meta_config() -> ml_collections.ConfigDict:
     c.per_domain_batch = 8         # images per domain batch (half live, half spoof)
     c.inner_lr = 1e-3              # α, inner SGD step on θ_M
     c.outer_lr = 1e-4              # β, outer Adam on θ_E, θ_M, θ_D
+    # β over the run: 'constant' (the paper states one value) | 'cosine' (β·½(1 + cos(π·t/T)),
+    # from β at the first outer step to 0 at the last, T = num_epochs × steps per epoch).
+    c.outer_lr_schedule = "constant"
     c.lambda_p = 0.1               # λ_p, domain enhancement entropy loss (Eq. 7, 12)
     c.lambda_m = 0.05              # λ_m, MMD toward the prior (Eq. 9, 11, 12)
     c.mmd_bandwidths = (0.5, 1.0, 2.0, 4.0)  # Gaussian kernel widths, in units of sqrt(dim h)

@@ -80,6 +80,8 @@ def check(config) -> None:
          "a fraction in (0, 1): source validation sets the threshold and picks the best checkpoint")
     need(d.source_val_min_videos >= 1, "data.source_val_min_videos", "≥ 1 video per class")
     need(d.source_val_min_frames >= 1, "data.source_val_min_frames", "≥ 1 frame per class")
+    need(isinstance(d.source_val_seed, int) and d.source_val_seed >= -1, "data.source_val_seed",
+         "-1 (the run's seed) or a fixed seed ≥ 0")
     need(d.resolution >= 8, "data.resolution", "≥ 8 pixels")
     need(d.cache_bytes >= 0, "data.cache_bytes", "≥ 0 bytes")
     need(d.workers >= 0, "data.workers", "≥ 0 decoding threads (0 = one per core)")

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 import pytest
 
-from d2am_jax import checkpointing, evaluation, logs, meta, predict, train
+from d2am_jax import checkpointing, config_check, evaluation, logs, meta, predict, train
 from d2am_jax import state as state_lib
 from d2am_jax.configs import smoke
 from d2am_jax.data import sources
@@ -383,6 +383,16 @@ def test_source_validation_holds_out_whole_videos_of_both_classes():
                        np.array(["a", "b", "c"]), np.full(3, "d"), np.full(3, ""))
     with pytest.raises(ValueError, match="2 live videos"):
         sources.source_val_split(one_live, 0.2, seed=0)
+
+
+def test_source_validation_split_follows_the_seed_unless_fixed(tmp_path):
+    held = lambda **o: set(sources.load(smoke_config(**o), str(tmp_path)).val.video)
+    assert held(seed=0) != held(seed=1)                             # each seed its own split
+    fixed = held(seed=1, **{"data.source_val_seed": 0})
+    assert fixed == held(seed=0) == held(seed=2, **{"data.source_val_seed": 0})
+    config = smoke_config(**{"data.source_val_seed": -2})
+    with pytest.raises(ValueError, match="config.data.source_val_seed"):
+        config_check.check(config)
 
 
 def _losses(workdir):

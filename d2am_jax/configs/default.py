@@ -88,6 +88,9 @@ def get_data_config() -> ml_collections.ConfigDict:
     # of validation scores gives a noisy threshold and ties in the best-checkpoint choice.
     d.source_val_min_videos = 5
     d.source_val_min_frames = 20
+    # Which videos are held out: -1 = drawn by config.seed (each seed its own split); a seed ≥ 0
+    # fixes the split across runs, so that seeds vary only training's randomness.
+    d.source_val_seed = -1
     d.cache_bytes = 8 << 30        # decoded frames kept in memory (data.sampler.CachedFrames)
     d.encoded_in_memory = True     # built data: keep the encoded records in memory (about the
     #                                dataset's size on disk); False streams them from ArrayRecord

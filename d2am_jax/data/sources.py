@@ -43,7 +43,10 @@ def load(config, workdir: str) -> RunData:
     else:
         source, target, description, bad = _built(config, workdir)
     d = config.data
-    train_rows, val_rows = source_val_split(source, d.source_val_fraction, config.seed,
+    # The held-out videos: drawn by the run's seed, or fixed across seeds (data.source_val_seed ≥
+    # 0), as a dataset's published split is, so that seeds vary training alone.
+    split_seed = config.seed if d.source_val_seed < 0 else d.source_val_seed
+    train_rows, val_rows = source_val_split(source, d.source_val_fraction, split_seed,
                                             d.source_val_min_videos, d.source_val_min_frames)
     data = RunData(source.take(train_rows), source.take(val_rows), target, description, bad)
     log.info("%s: %d source frames (%d train, %d source validation), %d target frames",

@@ -147,12 +147,18 @@ def run_dir(directory: str, row: str, seed: int) -> str:
     return os.path.join(directory, row, f"seed_{seed}")
 
 
+def _held(per_seed: dict) -> tuple[str, ...]:
+    """METRICS, and the running_bn_* metrics where these runs hold them."""
+    return METRICS + tuple(m for m in _READ[len(METRICS):]
+                           if any(v.get(m) is not None for v in per_seed.values()))
+
+
 def table(rows: list[dict]) -> list[dict]:
     """The long table of summary.csv: one line per row × evaluation × metric."""
     out = []
     for entry in rows:
         for which, per_seed in entry["values"].items():
-            for metric in METRICS:
+            for metric in _held(per_seed):
                 values = [per_seed[s][metric] for s in sorted(per_seed)]
                 paper = entry["paper"].get(metric)
                 out.append({"row": entry["row"], "evaluation": which, "metric": metric,
@@ -168,7 +174,7 @@ def per_seed(rows: list[dict]) -> list[dict]:
     return [{"row": entry["row"], "seed": seed, "evaluation": which, "metric": metric,
              "value": values[metric]}
             for entry in rows for which, by_seed in entry["values"].items()
-            for seed, values in sorted(by_seed.items()) for metric in METRICS]
+            for seed, values in sorted(by_seed.items()) for metric in _held(by_seed)]
 
 
 def paired(rows: list[dict], which: str = "final", pairs=()) -> list[dict]:

@@ -130,6 +130,7 @@ def test_order_study_pairs_each_order_with_the_other_at_every_evaluation(tmp_pat
     paired_csv = (tmp_path / "summary_paired.csv").read_text().splitlines()
     assert paired_csv[0].startswith("row,reference,evaluation,metric,n,mean")
     assert len(paired_csv) == 1 + 3 * 3                  # 3 evaluations × 3 metrics, one pair
+    assert "running_bn" not in (tmp_path / "summary.csv").read_text()   # none in these runs
     seeds_csv = (tmp_path / "summary_seeds.csv").read_text().splitlines()
     assert seeds_csv[0] == "row,seed,evaluation,metric,value"
     assert "first_a0.1,1,last2,auc,0.7" in seeds_csv                # (0.8 + 0.6) / 2
@@ -148,6 +149,9 @@ def test_spread_of_the_paired_difference_final_and_last_n(tmp_path, capsys):
     running = {r["last"]: r for r in spread.spreads(grid, str(tmp_path), 3, [1, 2],
                                                     "running_bn_auc")}
     assert running[2]["mean"] == pytest.approx(0.0) and running[2]["std"] == pytest.approx(5.0)
+    summary.write(grid, str(tmp_path), seeds=3, last_n=2, command="cmd")
+    assert "\nd2am,last2,running_bn_auc,3,0.883" in (tmp_path / "summary.csv").read_text()
+    assert "d2am,2,last2,running_bn_auc,0.95" in (tmp_path / "summary_seeds.csv").read_text()
     got = {r["last"]: r for r in spread.spreads(grid, str(tmp_path), 3, [1, 2])}
     # final: erm − d2am = −0.1, 0.1, 0.1 → sd 0.11547; last 2: 0, 0.1, 0.05 → sd 0.05;
     # half-width t(0.975, 2) · sd / √3 with t = 4.302653.

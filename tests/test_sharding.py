@@ -1,9 +1,10 @@
 """Data parallelism over a device mesh: the sharded meta-step (both orders), its meta-gradient,
 stats pass and prediction equal the single-device ones on the same global batch — to 1e-10 in
-float64; in float32 to 1e-5, or where float32 rounding of the same maths already differs more,
-to twice that — each compiled once (run with four CPU devices in a subprocess: the device count
-is fixed when jax starts); batches the mesh does not divide are refused naming both numbers;
-processes that disagree on their count stop with both numbers, too few say what to check."""
+float64; in float32 (second order) to 1e-5, or where float32 rounding of the same maths already
+differs more, to twice that — each compiled once (run with four CPU devices in a subprocess:
+the device count is fixed when jax starts); batches the mesh does not divide are refused naming
+both numbers; processes that disagree on their count stop with both numbers, too few say what
+to check."""
 
 import json
 import os
@@ -44,9 +45,12 @@ def test_four_devices_equal_one_in_float64():
 
 
 def test_four_devices_equal_one_in_float32():
-    """float32: 1e-5 relative where float32 rounding allows it, else within twice the rounding
-    floor of the same quantity on one device (sharded_check.py: the one-device step on the same
-    batch with each domain's images reordered — the same maths summed in another order).
+    """float32, second order: 1e-5 relative where float32 rounding allows it, else within twice
+    the rounding floor of the same quantity on one device (sharded_check.py: the one-device step
+    on the same batch with each domain's images reordered — the same maths summed in another
+    order). The first-order programs are compared in float64 above, exactly; in float32 they
+    amplify rounding less than the second order (figures below, from when this check ran them
+    too), and two more compiles cost the suite about 30 s.
 
     Measured (second / first order): BatchNorm statistics 1e-8, stats pass 8e-10, prediction 0,
     losses ≤ 4e-7 — all under 1e-5. The meta-gradient (read off the meta-step's update,
@@ -59,7 +63,8 @@ def test_four_devices_equal_one_in_float32():
     """
     out = _sharded_check("--float32")
     within = lambda value, floor: value <= max(1e-5, 2 * floor)
-    for order in ("second", "first"):
+    assert "first_grads" not in out
+    for order in ("second",):
         floor = out[f"{order}_floor"]
         assert floor["grads"] <= 1e-2 and floor["params"] <= 1e-2, floor   # rounding, not a bug
         assert out[f"{order}_grad_norm"] <= 3e3, out

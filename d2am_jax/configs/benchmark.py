@@ -37,6 +37,7 @@ def get_config():
     config.data.synthetic.num_domains = 32
     config.data.synthetic.per_domain = 400
     config.data.source_val_fraction = 0.2
+    config.data.source_val_seed = 0      # one held-out split for every seed: seeds vary training
     config.checkpoint.every_steps = 80  # = one epoch: a killed run loses at most ~25 s
     config.checkpoint.keep = 12
     return config

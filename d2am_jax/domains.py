@@ -464,7 +464,7 @@ def assign(
     *,
     prev_labels=None,
     seed: int,
-    n_init: int = 3,
+    n_init: int = 10,  # configs/default.py: domains.n_init (why 10)
     algorithm: str = "auto",
     true_domain=None,
     mmd_sample_size: int = 2000,
@@ -548,7 +548,7 @@ def initial_assignment(
     k: int,
     *,
     seed: int,
-    n_init: int = 3,
+    n_init: int = 10,
     algorithm: str = "auto",
     is_live=None,
     per_class: bool | str = "auto",

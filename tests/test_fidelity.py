@@ -36,7 +36,8 @@ def test_epoch_one_trains_on_the_joint_clusters_when_each_holds_both_classes():
                                          None, _Bank(bank))
     assert record["mode"] == "initial" and record["alignment"] == "joint"
     assert record["pairing_weak"] is False and record["degenerate_domains"] == []
-    joint = domains.initial_assignment(bank, 3, seed=0, is_live=live, per_class=False)
+    joint = domains.initial_assignment(bank, 3, seed=0, is_live=live, per_class=False,
+                                       n_init=config.domains.n_init)
     np.testing.assert_array_equal(labels, joint.labels)
 
 

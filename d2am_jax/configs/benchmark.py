@@ -23,7 +23,8 @@ chosen on (RESULTS.md). Seeds vary initialisation, batch order and k-means, not 
 held-out split for every seed (data.source_val_seed = 0), and 10 k-means restarts (the default
 domains.n_init; with 3, epoch 1's clustering fell in one of two partitions by seed). With both,
 D²AM's seed-to-seed spread of target AUC (last 6) fell from 3.1 to 1.6 points, level with ERM's
-1.5, and the paired spreads of D²AM against ERM, w/ d, w/o d and K = 2 to 1.9–2.2 (RESULTS.md,
+1.5, and the paired spreads of D²AM against ERM, w/ d, w/o d and K = 2 to 1.9–2.2 (seven of twelve
+pairs under 2.4, the 5-seed bar for a 3-point half-width; RESULTS.md,
 "Does the benchmark discriminate?"). Expected run time on the 2-core CPU: 4–10 minutes per run
 depending on the machine's load (RESULTS.md gives each grid's wall time).
 """

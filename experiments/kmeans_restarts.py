@@ -30,22 +30,22 @@ _N_INIT = flags.DEFINE_string("n_init", "3,10,30", "comma-separated numbers of k
 
 def main(argv) -> int:
     del argv
-    from d2am_jax import domains, train
+    from d2am_jax import train
     from d2am_jax.data import sources
     config = _CONFIG.value
     labels = {}
+    k = int(config.meta.num_domains)
     with tempfile.TemporaryDirectory() as workdir:
         for seed in range(_SEEDS.value):
             config.seed = seed
             data = sources.load(config, workdir)
             if seed == 0 or config.data.source_val_seed < 0:  # the split decides the source
-                bank = train.ImageNetBank(config, data.train.frames).get()
+                bank = train.ImageNetBank(config, data.train.frames)
             for n_init in (int(v) for v in _N_INIT.value.split(",")):
-                result = domains.initial_assignment(
-                    bank, int(config.meta.num_domains), seed=seed, n_init=n_init,
-                    is_live=data.train.labels == 1, per_class="auto",
-                    min_class_size=int(config.meta.per_domain_batch) // 2)
-                labels.setdefault(n_init, []).append((result.labels, data.train.labels == 1))
+                config.domains.n_init = n_init
+                # The training program's own epoch-1 step, so the probe measures what a run does.
+                assigned, _ = train.epoch_domains(config, 0, k, None, None, data.train, None, bank)
+                labels.setdefault(n_init, []).append((assigned, data.train.labels == 1))
     for n_init, runs in labels.items():
         same_source = config.data.source_val_seed >= 0
         aris = [adjusted_rand_score(a[0], b[0]) for a, b in itertools.combinations(runs, 2)] \

@@ -5,10 +5,12 @@ paired difference of one metric at the final evaluation and at the mean of the l
 Host-only (no jax), from a grid's finished workdirs (experiments/run.py):
 
   python experiments/spread.py table3 --workdir runs/bench26 --seeds 5 \
-      --rows d2am,erm,w_d --last 1,3,6,12 [--metric auc] [--out spread.csv]
+      --rows d2am,erm,w_d --last 1,3,6,12 [--metric auc] [--first-seed 0] [--out spread.csv]
 
 `--last 1` is the final evaluation. A smaller spread means fewer seeds separate two methods; which
 N to report should be chosen on runs other than the ones it is then used to compare.
+`--first-seed S` uses seeds S..N-1 only: with `--seeds 10 --first-seed 5`, a second 5-seed
+experiment independent of seeds 0–4, to see how far a 5-seed spread moves between replicates.
 """
 
 from __future__ import annotations
@@ -28,13 +30,17 @@ import summary  # noqa: E402
 from d2am_jax.errors import UserError  # noqa: E402
 
 
-def spreads(grid, directory: str, seeds: int, lasts, metric: str = "auc") -> list[dict]:
+def spreads(grid, directory: str, seeds: int, lasts, metric: str = "auc",
+            first_seed: int = 0) -> list[dict]:
     """One dict per (pair, N): row, reference, last, n (seeds in both), mean and std of the
     paired difference (points ×100 of a fraction metric, as in the summary) and the 95 %
-    half-width of its mean."""
+    half-width of its mean, over seeds first_seed..seeds-1."""
     out = []
     for last in lasts:
         rows = summary.collect(grid, directory, seeds, last)
+        for entry in rows:
+            for which, by_seed in entry["values"].items():
+                entry["values"][which] = {s: v for s, v in by_seed.items() if s >= first_seed}
         for p in summary.paired(rows, f"last{last}", grid.pairs):
             if p["metric"] != metric:
                 continue
@@ -77,6 +83,8 @@ def main(argv=None) -> int:
     parser.add_argument("--metric", default="auc", choices=summary.PAIRED_METRICS,
                         help="running_bn_*: the running averages' metrics of runs evaluated with "
                              "eval.bn_statistics=recomputed")
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="use seeds FIRST_SEED..SEEDS-1 only (a replicate of the first ones)")
     parser.add_argument("--out", default="", help="also write the table as CSV here")
     args = parser.parse_args(argv)
     try:
@@ -87,12 +95,15 @@ def main(argv=None) -> int:
             raise UserError(f"--last {args.last!r}: expected comma-separated integers") from None
         if not lasts or min(lasts) < 1:
             raise UserError(f"--last {args.last!r}: expected integers ≥ 1")
+        if not 0 <= args.first_seed < args.seeds:
+            raise UserError(f"--first-seed {args.first_seed}: expected 0 ≤ it < --seeds "
+                            f"({args.seeds})")
         if not os.path.isdir(args.workdir):
             raise UserError(f"--workdir {args.workdir!r}: no such directory")
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    records = spreads(grid, args.workdir, args.seeds, lasts, args.metric)
+    records = spreads(grid, args.workdir, args.seeds, lasts, args.metric, args.first_seed)
     print(markdown(records, lasts, args.metric), end="")
     if args.out and records:
         with open(args.out, "w", newline="") as f:

@@ -158,11 +158,19 @@ def test_spread_of_the_paired_difference_final_and_last_n(tmp_path, capsys):
     assert got[1]["std"] == pytest.approx(11.547, abs=1e-3)
     assert got[2]["mean"] == pytest.approx(5.0) and got[2]["std"] == pytest.approx(5.0)
     assert got[2]["half_width"] == pytest.approx(4.302653 * 5.0 / math.sqrt(3), abs=1e-4)
+    # Seeds 1–2 only: final 0.1, 0.1 → sd 0; last 2: 0.1, 0.05 → mean 7.5, sd 3.5355.
+    tail = {r["last"]: r for r in spread.spreads(grid, str(tmp_path), 3, [1, 2], first_seed=1)}
+    assert tail[1]["n"] == 2 and tail[1]["std"] == pytest.approx(0.0, abs=1e-9)
+    assert tail[2]["mean"] == pytest.approx(7.5)
+    assert tail[2]["std"] == pytest.approx(3.5355, abs=1e-4)
     assert spread.main(["table3", "--workdir", str(tmp_path), "--seeds", "3",
                         "--rows", "d2am,erm", "--last", "1,2"]) == 0
     assert "| erm − d2am | 11.55 (28.68) | 5.00 (12.42) |" in capsys.readouterr().out
     assert spread.main(["table3", "--workdir", str(tmp_path), "--last", "0"]) == 2
     assert "--last '0': expected integers ≥ 1" in capsys.readouterr().err
+    assert spread.main(["table3", "--workdir", str(tmp_path), "--seeds", "3",
+                        "--first-seed", "3"]) == 2
+    assert "--first-seed 3: expected 0 ≤ it < --seeds (3)" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- grids and input

@@ -1,6 +1,6 @@
 """A grid's summary over seeds: mean ± std and a 95 % Student-t interval per row and metric, the
-paper's numbers beside them, paired differences (the grid's pairs), run time; per-epoch gradient
-diagnostics.
+paper's numbers beside them, paired differences (the grid's pairs; per pair and pooled over the
+grid), run time; per-epoch gradient diagnostics.
 
 Host-only (numpy, scipy; never jax): it reads results.json, metrics.jsonl and run.json files.
 """
@@ -203,6 +203,65 @@ def paired(rows: list[dict], which: str = "final", pairs=()) -> list[dict]:
     return out
 
 
+def pooled(rows: list[dict], which: str = "final", pairs=(), metric: str = "auc",
+           confidence: float = 0.95) -> dict | None:
+    """The grid's pooled interval of each pair's difference: rows as treatments and seeds as
+    blocks of a randomised complete block design. Over the rows that hold every seed any row
+    holds, fit value = row effect + seed effect + noise; σ² = residual sum of squares /
+    ((R − 1)(S − 1)), and a pair's interval is its mean difference ± t · σ · √(2 / S) with t at
+    (R − 1)(S − 1) degrees of freedom instead of the S − 1 of one pair's own interval. With two
+    rows it is exactly the paired Student-t interval. It assumes every row's noise is the same
+    size; `levene_p` (Levene's test, median-centred, of the residuals by row) checks that. None
+    where fewer than 2 rows or 2 seeds qualify; pairs with a row left out are left out."""
+    values = {}
+    for entry in rows:
+        by_seed = entry["values"].get(which, {})
+        values[entry["row"]] = {s: v[metric] for s, v in by_seed.items()
+                                if v.get(metric) is not None and math.isfinite(v[metric])}
+    seeds = sorted(set().union(*values.values())) if values else []
+    names = [name for name, by_seed in values.items() if seeds and set(by_seed) == set(seeds)]
+    if len(names) < 2 or len(seeds) < 2:
+        return None
+    y = np.array([[values[name][s] for s in seeds] for name in names], np.float64)
+    r, s = y.shape
+    residual = y - y.mean(1, keepdims=True) - y.mean(0, keepdims=True) + y.mean()
+    df = (r - 1) * (s - 1)
+    sigma = float(math.sqrt((residual ** 2).sum() / df))
+    # Levene's statistic divides by the spread of |residual − row median| within rows: with 2
+    # seeds a row's residuals are ±e and that spread is 0, so the test says nothing there.
+    deviation = np.abs(residual - np.median(residual, axis=1, keepdims=True))
+    within = ((deviation - deviation.mean(1, keepdims=True)) ** 2).sum()
+    levene_p = (float(stats.levene(*residual, center="median").pvalue)
+                if s >= 3 and within > 1e-12 * max(float((deviation ** 2).sum()), 1e-300)
+                else math.nan)
+    half = float(stats.t.ppf(0.5 + confidence / 2, df) * sigma * math.sqrt(2 / s))
+    index = {name: i for i, name in enumerate(names)}
+    pairs = pairs or [(name, rows[0]["row"]) for name in values if name != rows[0]["row"]]
+    out = []
+    for name, reference in pairs:
+        if name in index and reference in index:
+            mean = float((y[index[name]] - y[index[reference]]).mean())
+            out.append({"row": name, "reference": reference, "evaluation": which,
+                        "metric": metric, "rows_pooled": r, "seeds": s, "df": df,
+                        "sigma": sigma, "mean": mean, "lo": mean - half, "hi": mean + half,
+                        "levene_p": levene_p})
+    return {"rows": names, "left_out": [n for n in values if n not in index], "seeds": seeds,
+            "df": df, "sigma": sigma, "half_width": half, "levene_p": levene_p, "pairs": out}
+
+
+def all_pooled(grid, rows: list[dict], last_n: int) -> list[dict]:
+    """`pooled` for AUC and both HTERs at the final evaluation, the last N and the best
+    checkpoint; one dict per evaluation × metric with a pool of at least 3 rows (of 2 it is
+    the paired interval already reported)."""
+    out = []
+    for which in ("final", f"last{last_n}", "best"):
+        for metric in PAIRED_METRICS[:3]:
+            pool = pooled(rows, which, grid.pairs, metric)
+            if pool and len(pool["rows"]) >= 3:
+                out.append({"evaluation": which, "metric": metric, **pool})
+    return out
+
+
 def all_paired(grid, rows: list[dict], last_n: int) -> list[dict]:
     """`paired` at the final evaluation, the mean of the last N and the best checkpoint."""
     return [p for which in ("final", f"last{last_n}", "best")
@@ -260,6 +319,9 @@ def markdown(grid, rows: list[dict], seeds: int, last_n: int, command: str) -> s
                                                          for w in evaluations) + " |"
                   for r, ref, m in keys]
         lines.append("")
+    pools = all_pooled(grid, rows, last_n)
+    if pools:
+        lines += _pooled_markdown(pools, last_n)
     lines += ["## Runs and time", "", "| row | seeds done | failed or not run | row seconds "
               "| median step s | peak RSS GB |", "| --- | --- | --- | --- | --- | --- |"]
     for entry in rows:
@@ -285,6 +347,40 @@ def markdown(grid, rows: list[dict], seeds: int, last_n: int, command: str) -> s
     return "\n".join(lines) + "\n"
 
 
+def _p_value(p: float) -> str:
+    return "—" if not math.isfinite(p) else f"{p:.2f}"
+
+
+def _pooled_markdown(pools: list[dict], last_n: int) -> list[str]:
+    evaluations = ("final", f"last{last_n}", "best")
+    lines = ["## Paired differences, the grid's pooled interval (points)", "",
+             "The same differences, with the seed-to-seed noise pooled over the whole grid: rows "
+             "as treatments and seeds as blocks, value = row effect + seed effect + noise, fitted "
+             "over the rows that finished every seed; σ is the noise's standard deviation, a "
+             "pair's 95 % interval its mean difference ± t(df) · σ · √(2 / seeds). With many rows "
+             "its t quantile is near 2 (against 2.78 for one pair at 5 seeds) and σ is better "
+             "estimated. It assumes every row's noise is the same size: where Levene's p is small "
+             "they are not, and the per-pair intervals above are the ones to read.", "",
+             "| evaluation | metric | rows pooled | seeds | σ | df | half-width | Levene p | "
+             "left out |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for p in pools:
+        lines.append(f"| {p['evaluation']} | {p['metric']} | {len(p['rows'])} | "
+                     f"{len(p['seeds'])} | {100 * p['sigma']:.2f} | {p['df']} | "
+                     f"{100 * p['half_width']:.2f} | {_p_value(p['levene_p'])} | "
+                     f"{', '.join(p['left_out']) or '—'} |")
+    cell = {(q["row"], q["reference"], q["metric"], q["evaluation"]):
+            f"{100 * q['mean']:.2f} [{100 * q['lo']:.2f}, {100 * q['hi']:.2f}]"
+            for p in pools for q in p["pairs"]}
+    keys = dict.fromkeys((q["row"], q["reference"], q["metric"]) for p in pools
+                         for q in p["pairs"])
+    lines += ["", f"| row | reference | metric | final | last {last_n} | best |",
+              "| --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {r} | {ref} | {m} | " + " | ".join(cell.get((r, ref, m, w), "—")
+                                                     for w in evaluations) + " |"
+              for r, ref, m in keys]
+    return lines + [""]
+
+
 def epoch_table(rows: list[dict]) -> list[dict]:
     """Per row and epoch: the seeds' mean cosine, their minimum cosine, the mean norm ratio."""
     out = []
@@ -301,15 +397,17 @@ def epoch_table(rows: list[dict]) -> list[dict]:
 
 
 def write(grid, directory: str, seeds: int, last_n: int, command: str) -> list[dict]:
-    """Writes summary.md, summary.csv, summary_paired.csv, summary_seeds.csv (and
-    summary_epochs.csv when there are gradient diagnostics) into `directory`; returns the
-    collected rows."""
+    """Writes summary.md, summary.csv, summary_paired.csv, summary_paired_pooled.csv,
+    summary_seeds.csv (and summary_epochs.csv when there are gradient diagnostics) into
+    `directory`; returns the collected rows."""
     rows = collect(grid, directory, seeds, last_n)
     with open(os.path.join(directory, "summary.md"), "w") as f:
         f.write(markdown(grid, rows, seeds, last_n, command))
     _write_csv(os.path.join(directory, "summary.csv"), table(rows))
     _write_csv(os.path.join(directory, "summary_paired.csv"), all_paired(grid, rows, last_n))
     _write_csv(os.path.join(directory, "summary_seeds.csv"), per_seed(rows))
+    _write_csv(os.path.join(directory, "summary_paired_pooled.csv"),
+               [q for p in all_pooled(grid, rows, last_n) for q in p["pairs"]])
     diag = epoch_table(rows)
     if diag:
         _write_csv(os.path.join(directory, "summary_epochs.csv"), diag)

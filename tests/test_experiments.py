@@ -173,6 +173,87 @@ def test_spread_of_the_paired_difference_final_and_last_n(tmp_path, capsys):
     assert "--first-seed 3: expected 0 ≤ it < --seeds (3)" in capsys.readouterr().err
 
 
+def _auc_runs(directory, table):
+    """One finished run per (row, seed) whose every evaluation has AUC table[row][seed]."""
+    rec = lambda auc: {m: 0.5 for m in summary.METRICS} | {"auc": auc, "is_best": True}  # noqa
+    for row, per_seed in table.items():
+        for seed, auc in enumerate(per_seed):
+            if auc is not None:
+                _fake_run(directory, row, seed, "done", [rec(auc)])
+
+
+def test_grid_pooled_interval_by_hand_and_equal_to_the_paired_one_for_two_rows(tmp_path):
+    grid = grids.get("table3", "d2am,erm,k2,k4")
+    # Row means 0.01, 0.01, 0.04; seed means 0.01, 0.03; grand mean 0.02. Residuals
+    # y − row mean − seed mean + grand: d2am 0, 0; erm +0.01, −0.01; k2 −0.01, +0.01 → residual
+    # sum of squares 4e-4 over (3 − 1)(2 − 1) = 2 degrees of freedom: σ = 0.01 · √2. k2 − d2am:
+    # mean 0.03 ± t(0.975, 2) · σ · √(2 / 2) = 4.302653 · 0.0141421 = 0.060849. k4 misses seed 1:
+    # left out of the pool, and its pair with it.
+    _auc_runs(tmp_path, {"d2am": (0.00, 0.02), "erm": (0.01, 0.01), "k2": (0.02, 0.06),
+                         "k4": (0.5, None)})
+    rows = summary.collect(grid, str(tmp_path), 2, 1)
+    pool = summary.pooled(rows, "final", grid.pairs, "auc")
+    assert sorted(pool["rows"]) == ["d2am", "erm", "k2"] and pool["left_out"] == ["k4"]
+    assert pool["df"] == 2 and pool["sigma"] == pytest.approx(0.01 * math.sqrt(2))
+    k2 = {q["row"]: q for q in pool["pairs"]}["k2"]
+    assert set(q["row"] for q in pool["pairs"]) == {"erm", "k2"}
+    assert k2["mean"] == pytest.approx(0.03)
+    assert k2["hi"] - k2["mean"] == pytest.approx(0.060849, abs=1e-6)
+    assert math.isnan(pool["levene_p"])      # 2 seeds: residuals ±e, Levene has no spread
+    summary.write(grid, str(tmp_path), seeds=2, last_n=1, command="cmd")
+    text = (tmp_path / "summary.md").read_text()
+    assert "| final | auc | 3 | 2 | 1.41 | 2 | 6.08 | — | k4 |\n" in text
+    assert "| k2 | d2am | auc | 3.00 [-3.08, 9.08] |" in text
+    pooled_csv = (tmp_path / "summary_paired_pooled.csv").read_text().splitlines()
+    assert pooled_csv[0].startswith("row,reference,evaluation,metric,rows_pooled,seeds,df,sigma")
+    # Two rows: the pool's σ · √2 is the paired differences' own std, t has S − 1 degrees of
+    # freedom, so the interval is the paired Student-t one.
+    two = summary.collect(grids.get("table3", "d2am,k2"), str(tmp_path), 2, 1)
+    alone = summary.pooled(two, "final", (("k2", "d2am"),), "auc")["pairs"][0]
+    paired = [p for p in summary.paired(two, "final") if p["metric"] == "auc"][0]
+    assert (alone["lo"], alone["hi"]) == pytest.approx((paired["lo"], paired["hi"]))
+    assert summary.all_pooled(grids.get("table3", "d2am,k2"), two, 1) == []   # not repeated
+
+
+def test_grid_pooled_levene_flags_a_row_with_larger_noise():
+    rng = np.random.default_rng(0)
+
+    def rows(scales):
+        return [{"row": f"r{i}", "values": {"final": {s: {"auc": 0.8 + scale * e} for s, e in
+                                                      enumerate(rng.standard_normal(12))}}}
+                for i, scale in enumerate(scales)]
+
+    assert summary.pooled(rows((0.01,) * 4), "final")["levene_p"] > 0.05
+    assert summary.pooled(rows((0.01, 0.01, 0.01, 0.2)), "final")["levene_p"] < 0.01
+
+
+def test_replicate_check_flags_a_pair_that_moved_between_halves(tmp_path, capsys):
+    grid = grids.get("table3", "d2am,erm,k2")
+    noise = (0.01, -0.01, 0.02, -0.02)
+    base = {"d2am": 0.80, "erm": 0.82, "k2": 0.84}
+    # Seeds 2–3 repeat seeds 0–1: every pair's mean difference is the same in both halves.
+    same = {row: tuple(b + noise[(s + i) % 2] for s in (0, 1, 0, 1)) for i, (row, b)
+            in enumerate(base.items())}
+    _auc_runs(tmp_path / "same", same)
+    check = spread.replicate_check(grid, str(tmp_path / "same"), 4, 1)
+    assert check["pairs"] == 3 and check["pooled_z_variance"] == pytest.approx(0.0, abs=1e-12)
+    assert check["pooled_outside"] == 0.0
+    # k2 is 0.20 higher in seeds 2–3, far beyond the noise: its two pairs fall outside ±1.96.
+    moved = dict(same, k2=same["k2"][:2] + tuple(v + 0.2 for v in same["k2"][2:]))
+    _auc_runs(tmp_path / "moved", moved)
+    check = spread.replicate_check(grid, str(tmp_path / "moved"), 4, 1)
+    assert check["pooled_outside"] == pytest.approx(2 / 3)
+    assert spread.main(["table3", "--workdir", str(tmp_path / "moved"), "--seeds", "4",
+                        "--rows", "d2am,erm,k2", "--last", "1", "--replicate-check"]) == 0
+    out = capsys.readouterr().out
+    assert "| grid-pooled √2·σ (half-width) |" in out
+    assert "3 pairs of rows" in out and "66.7 % outside" in out
+    # Halves of one seed have no seed-to-seed noise to pool.
+    assert spread.main(["table3", "--workdir", str(tmp_path / "moved"), "--seeds", "2",
+                        "--rows", "d2am,erm,k2", "--last", "1", "--replicate-check"]) == 2
+    assert "seeds 0–0 give no pool" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------- grids and input
 
 

@@ -30,6 +30,11 @@ RESUMABLE_CHANGES = ("num_epochs", "log_every", "progress", "jax_cache_dir", "ch
                      "data.workers", "data.prefetch", "data.cache_bytes", "data.encoded_in_memory",
                      "data.skip_bad", "model.remat", "model.remat_policy", "meta.outer_lr",
                      "meta.inner_lr")
+# Of those, the fields that change nothing a finished run produced: where its compile cache
+# lives, how it logs, how its input is read. A grid asked for again with other values of these
+# (a moved workdir, more input workers) still counts the run as finished.
+NOT_A_RESULT = ("log_every", "progress", "jax_cache_dir", "data.workers", "data.prefetch",
+                "data.cache_bytes", "data.encoded_in_memory")
 
 
 def _number(value) -> bool:
@@ -170,6 +175,13 @@ def differences(old: dict, new: dict, prefix: str = "") -> list[str]:
         elif a != b:
             out.append(f"{prefix}{key}")
     return out
+
+
+def same_results(saved: dict, config) -> bool:
+    """Whether a saved config (fields it predates at their defaults) and `config` differ only
+    in NOT_A_RESULT fields."""
+    return all(any(f == p or f.startswith(p + ".") for p in NOT_A_RESULT)
+               for f in differences(with_defaults(saved), as_dict(config)))
 
 
 def with_defaults(saved: dict) -> dict:

@@ -5,7 +5,8 @@ writes DIR/summary.md and the CSVs beside it (experiments/summary.py).
       [--last 3] [--jobs 1] [--summarize] [--config.FIELD=VALUE ...]
 
 GRID: table1, table2, table3, order_study (experiments/grids.py). Runs live in DIR/ROW/seed_S;
-finished ones are skipped, interrupted ones resume, failed ones are retried; a failed run is
+finished ones are skipped (also when asked for from a moved DIR or with other input settings:
+config_check.NOT_A_RESULT), interrupted ones resume, failed ones are retried; a failed run is
 reported in the summary and the other runs still go on. Every row's config is built and checked
 (d2am_jax/config_check.py, and against the config of any run already in its workdir) before
 anything trains. Each run is its own process (experiments/run_one.py): a crash or out-of-memory
@@ -100,11 +101,12 @@ def _status(run: Run) -> dict:
 
 
 def finished(run: Run) -> bool:
-    """Done, with the same config (a resumable change such as more epochs reopens the run)."""
+    """Done, with the same config (a resumable change such as more epochs reopens the run; a
+    field that changes no result, such as the compile cache's path, does not)."""
     status = _status(run)
     # A field added to the project since counts as its default (the run's behaviour then).
     return status.get("status") == "done" and "config" in status and \
-        config_check.with_defaults(status["config"]) == config_check.as_dict(run.config)
+        config_check.same_results(status["config"], run.config)
 
 
 def execute(run: Run) -> dict:
@@ -127,6 +129,11 @@ def execute(run: Run) -> dict:
     seconds = time.time() - t0
     result = {"status": "failed", "error": f"the run's process exited with code "
               f"{proc.returncode} and no report (see {run.workdir}/run.log)"}
+    if proc.returncode in (-signal.SIGTERM, -signal.SIGINT):
+        # Stopped before it could report (e.g. while starting): nothing of it failed, and the
+        # next invocation resumes it from its last checkpoint like any preempted run.
+        result = {"status": "preempted", "error": f"stopped by signal {-proc.returncode} "
+                  f"before it reported (see {run.workdir}/run.log)"}
     if os.path.exists(child):
         with open(child) as f:
             result = json.load(f)

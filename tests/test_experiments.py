@@ -470,3 +470,39 @@ def test_a_finished_run_stays_finished_when_the_project_adds_a_config_field(tmp_
             json.dump({"status": "done", "config": saved}, f)
     assert runner.finished(runs[0])
     assert not runner.finished(runs[1])                 # pooled_bn ≠ the default
+
+
+def test_a_moved_finished_run_stays_finished_and_a_stopped_start_is_preempted(tmp_path,
+                                                                               monkeypatch):
+    """Asked for again from another path (another compile-cache path) or with more input
+    workers, a finished run is not reopened; other values of a resumable field that changes
+    results (the learning rate) reopen it. A run stopped by a signal before it could report
+    is recorded as preempted (resumed next time), not failed."""
+    grid = grids.get("table3", "d2am")
+    (run,) = runner.plan(grid, SMOKE, 1, str(tmp_path), SMALL)
+    saved = config_check.as_dict(run.config)
+    saved["jax_cache_dir"] = "/elsewhere/xla_cache"
+    saved["data"]["workers"] = saved["data"]["workers"] + 2
+    os.makedirs(run.workdir)
+    with open(os.path.join(run.workdir, "run.json"), "w") as f:
+        json.dump({"status": "done", "config": saved}, f)
+    assert runner.finished(run)
+    saved["meta"]["outer_lr"] = 2 * saved["meta"]["outer_lr"]
+    with open(os.path.join(run.workdir, "run.json"), "w") as f:
+        json.dump({"status": "done", "config": saved}, f)
+    assert not runner.finished(run)
+
+    class Stopped:                                    # a child killed by SIGTERM while starting
+        returncode = -15
+
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def wait(self):
+            return self.returncode
+
+    monkeypatch.setattr(runner.subprocess, "Popen", Stopped)
+    status = runner.execute(run)
+    assert status["status"] == "preempted" and "signal 15" in status["error"]
+    assert json.load(open(os.path.join(run.workdir, "run.json")))["attempts"][-1]["status"] \
+        == "preempted"

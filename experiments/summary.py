@@ -360,7 +360,8 @@ def _pooled_markdown(pools: list[dict], last_n: int) -> list[str]:
              "pair's 95 % interval its mean difference ± t(df) · σ · √(2 / seeds). With many rows "
              "its t quantile is near 2 (against 2.78 for one pair at 5 seeds) and σ is better "
              "estimated. It assumes every row's noise is the same size: where Levene's p is small "
-             "they are not, and the per-pair intervals above are the ones to read.", "",
+             "they are not, and the per-pair intervals above are the ones to read; so too for a "
+             "pair whose own spread (the std above) is well over √2 · σ.", "",
              "| evaluation | metric | rows pooled | seeds | σ | df | half-width | Levene p | "
              "left out |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for p in pools:

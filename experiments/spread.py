@@ -23,10 +23,10 @@ import math
 import os
 import sys
 
+import numpy as np
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]
-
-import numpy as np  # noqa: E402
 
 import grids  # noqa: E402
 import summary  # noqa: E402

@@ -76,12 +76,13 @@ def pooled(grid, directory: str, seeds: int, lasts, metric: str = "auc",
 
 
 def replicate_check(grid, directory: str, seeds: int, last: int, metric: str = "auc") -> dict:
-    """Is the pooled interval too narrow? Split seeds 0..seeds-1 into two halves, two independent
-    experiments; for every pair of the rows given (not only the grid's pairs) the two halves'
-    mean differences should differ only by noise: z = (m₁ − m₂) / √(2σ₁²/S₁ + 2σ₂²/S₂), with σ
-    each half's pooled σ. If the pooled σ is right, z is about standard normal: variance near 1,
-    |z| > 1.96 for about 5 % of the pairs. The same with each pair's own standard deviation
-    beside it. Pairs of rows are not independent, so this is a check, not a test."""
+    """Is the pooled interval too narrow? Split seeds 0..seeds-1 into two halves (an odd last
+    seed left out), two independent experiments; for every pair of the rows given (not only
+    the grid's pairs) the two halves' mean differences should differ only by noise:
+    z = (m₁ − m₂) / √(2σ₁²/S₁ + 2σ₂²/S₂), with σ each half's pooled σ. If the pooled σ is
+    right, z is about standard normal: variance near 1, |z| > 1.96 for about 5 % of the pairs.
+    The same with each pair's own standard deviation beside it. Pairs of rows are not
+    independent, so this is a check, not a test."""
     half = seeds // 2
     parts = []
     for first, stop in ((0, half), (half, 2 * half)):
@@ -89,7 +90,7 @@ def replicate_check(grid, directory: str, seeds: int, last: int, metric: str = "
         pool = summary.pooled(rows, f"last{last}", (), metric)
         if pool is None:
             raise UserError(f"--replicate-check: seeds {first}–{stop - 1} give no pool: at least "
-                            "3 rows with every seed and 2 seeds are needed")
+                            "2 rows with every seed and 2 seeds are needed")
         values = {e["row"]: e["values"][f"last{last}"] for e in rows if e["row"] in pool["rows"]}
         parts.append((pool, {n: np.array([v[s][metric] for s in sorted(v)])
                              for n, v in values.items()}))
@@ -137,7 +138,8 @@ def markdown(records: list[dict], lasts, metric: str, pools=()) -> str:
             f"{c['std']:.2f} ({c['half_width']:.2f})" if c else "—" for c in cells) + " |")
         lines += ["", "grid-pooled: " + "; ".join(
             f"{'final' if p['last'] == 1 else 'last ' + str(p['last'])}: {p['rows']} rows × "
-            f"{p['seeds']} seeds, {p['df']} degrees of freedom, Levene p = {p['levene_p']:.2f}"
+            f"{p['seeds']} seeds, {p['df']} degrees of freedom, Levene p = "
+            f"{summary.p_value(p['levene_p'])}"
             for p in pools)]
     return "\n".join(lines) + "\n"
 

@@ -347,7 +347,8 @@ def markdown(grid, rows: list[dict], seeds: int, last_n: int, command: str) -> s
     return "\n".join(lines) + "\n"
 
 
-def _p_value(p: float) -> str:
+def p_value(p: float) -> str:
+    """A p-value for a table: two decimals, or — where the test had nothing to test."""
     return "—" if not math.isfinite(p) else f"{p:.2f}"
 
 
@@ -367,7 +368,7 @@ def _pooled_markdown(pools: list[dict], last_n: int) -> list[str]:
     for p in pools:
         lines.append(f"| {p['evaluation']} | {p['metric']} | {len(p['rows'])} | "
                      f"{len(p['seeds'])} | {100 * p['sigma']:.2f} | {p['df']} | "
-                     f"{100 * p['half_width']:.2f} | {_p_value(p['levene_p'])} | "
+                     f"{100 * p['half_width']:.2f} | {p_value(p['levene_p'])} | "
                      f"{', '.join(p['left_out']) or '—'} |")
     cell = {(q["row"], q["reference"], q["metric"], q["evaluation"]):
             f"{100 * q['mean']:.2f} [{100 * q['lo']:.2f}, {100 * q['hi']:.2f}]"

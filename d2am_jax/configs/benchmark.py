@@ -27,9 +27,9 @@ D²AM's seed-to-seed spread of target AUC (last 6) fell from 3.1 to 1.6 points, 
 points: a pair's own 95 % half-width is 3.3 at 5 seeds and 1.9 at 10, so compare two methods
 with `--seeds 10`. A whole grid's pooled interval (summary.md: rows × seeds, the noise pooled
 over every row) has a half-width near 2.6 at 5 seeds: 2.44, 2.98 and 3.31 in three 5-seed
-replicates of 13, 13 and 8 rows (RESULTS.md, "Does the benchmark discriminate?"). Twelve sources (six more drawn
-domains) raised every row's AUC but did not narrow the paired spread on this design, at 1.5
-times the run time.
+replicates of 13, 13 and 8 rows (RESULTS.md, "Does the benchmark discriminate?"). Twelve
+sources (six more drawn domains) raised every row's AUC but did not narrow the paired spread on
+this design, at 1.5 times the run time.
 Expected run time on the 2-core CPU: 4–10 minutes per run depending on the machine's load
 (RESULTS.md gives each grid's wall time).
 """
